@@ -1,0 +1,1 @@
+"""The broker's web API: accounts, tokens, availability and pool requests (Falcon)."""

@@ -1,0 +1,80 @@
+"""Reading request bodies: size cap, content type, JSON syntax, then schema.
+
+Each check fails with the SPEC's status and a description naming the problem, before
+any handler sees the data.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import falcon
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+
+from broker_api.exceptions import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from broker_api.schemas import Schema
+
+_validators: dict[int, Draft202012Validator] = {}
+
+
+def _validator(schema: Schema) -> Draft202012Validator:
+    key = id(schema)
+    if key not in _validators:
+        Draft202012Validator.check_schema(schema)
+        _validators[key] = Draft202012Validator(schema)
+    return _validators[key]
+
+
+def _describe(error: ValidationError) -> str:
+    where = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return f"unexpected field(s): {', '.join(extra)}" + (f" in {where}" if where else "")
+    if error.validator == "required":
+        return error.message.replace("is a required property", "is required") + (
+            f" in {where}" if where else ""
+        )
+    if error.validator == "dependentRequired":
+        return error.message
+    if error.validator == "pattern":
+        return f"field {where!r} has an invalid format"
+    return f"field {where!r}: {error.message}" if where else error.message
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json(req: falcon.Request, schema: Schema, *, max_bytes: int, optional: bool = False) -> dict[str, Any]:
+    """Return the validated JSON object of ``req``'s body.
+
+    Args:
+        schema: JSON schema the body must satisfy.
+        max_bytes: larger bodies are refused with 413, without reading them whole.
+        optional: an empty body is allowed and read as ``{}``.
+    """
+    length = req.content_length
+    if length is not None and length > max_bytes:
+        raise PayloadTooLarge(f"request body is {length} bytes; the limit is {max_bytes}")
+    raw = req.bounded_stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+    if not raw:
+        if optional:
+            return {}
+        raise InvalidRequest("a JSON request body is required")
+    media = (req.content_type or "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaType(f"Content-Type must be application/json, not {media or 'absent'!r}")
+    try:
+        body = json.loads(raw, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidRequest(f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the JSON body must be an object")
+    error = best_match(_validator(schema).iter_errors(body))
+    if error is not None:
+        raise InvalidRequest(_describe(error))
+    return body

@@ -1,0 +1,116 @@
+"""The OpenAPI 3.1 document of the API, built from the same schemas that validate it.
+
+Because request bodies are validated against ``broker_api.schemas`` and the tests check
+every response against this document, the document cannot drift from the code silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker_api import schemas as s
+
+_ERRORS = {
+    400: "Malformed JSON or an invalid field (the description names it)",
+    401: "Missing, invalid, expired or revoked token",
+    403: "Not allowed",
+    404: "Absent, or not yours to see",
+    409: "Email already taken",
+    413: "Body too large",
+    415: "Body is not application/json",
+    429: "Too many failed logins",
+    503: "A backing service is unreachable",
+}
+
+# (method, path, summary, needs token, request schema, body optional, {status: schema})
+_OPS: list[tuple[str, str, str, bool, s.Schema | None, bool, dict[int, s.Schema | None]]] = [
+    ("post", "/v1/users", "Create an account", False, s.CREATE_USER, False,
+     {201: s.USER_WITH_TOKEN, 400: None, 409: None, 413: None, 415: None}),
+    ("post", "/v1/tokens", "Log in: a fresh token", False, s.LOGIN, False,
+     {201: s.TOKEN, 400: None, 401: None, 413: None, 415: None, 429: None}),
+    ("get", "/v1/users/me", "Own account", True, None, False, {200: s.USER, 401: None}),
+    ("patch", "/v1/users/me", "Update pubKey, address or password", True, s.UPDATE_USER, False,
+     {200: s.UPDATED_USER, 400: None, 401: None, 403: None, 413: None, 415: None}),
+    ("delete", "/v1/users/me", "Delete the account, its sessions and availability", True, None,
+     False, {204: None, 401: None}),
+    ("post", "/v1/users/me/jobs", "How many jobs I am looking for (0 stops)", True, s.SET_JOBS,
+     True, {200: s.JOBS, 400: None, 401: None, 413: None, 415: None}),
+    ("post", "/v1/users/me/heartbeat", "I am alive at my address", True, None, False,
+     {204: None, 401: None}),
+    ("post", "/v1/sessions", "Request a pool of workers", True, s.CREATE_SESSION, False,
+     {202: s.SESSION, 400: None, 401: None, 413: None, 415: None}),
+    ("get", "/v1/sessions", "Sessions I own or work in", True, None, False,
+     {200: s.SESSIONS, 401: None}),
+    ("get", "/v1/sessions/{sessionId}", "A session; ?wait=S long-polls for a status change",
+     True, None, False, {200: s.SESSION, 400: None, 401: None, 404: None}),
+    ("delete", "/v1/sessions/{sessionId}", "End a session, freeing its workers", True, None,
+     False, {204: None, 401: None, 403: None, 404: None}),
+    ("delete", "/v1/sessions/{sessionId}/workers/me", "Leave a session", True, None, False,
+     {204: None, 401: None, 404: None}),
+    ("get", "/v1/health", "API, database and Redis reachable", False, None, False,
+     {200: s.HEALTH, 503: s.HEALTH}),
+]  # fmt: skip
+
+
+def build_document() -> dict[str, Any]:
+    """Return the OpenAPI 3.1 document as a JSON-ready dict."""
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, summary, auth, body, optional, responses in _OPS:
+        op: dict[str, Any] = {"summary": summary, "responses": {}}
+        if auth:
+            op["security"] = [{"bearer": []}]
+        params = []
+        if "{sessionId}" in path:
+            params.append(
+                {"name": "sessionId", "in": "path", "required": True, "schema": {"type": "string"}}
+            )
+        if method == "get" and path == "/v1/sessions/{sessionId}":
+            params.append(
+                {
+                    "name": "wait",
+                    "in": "query",
+                    "required": False,
+                    "description": "Seconds to wait for a status change (capped).",
+                    "schema": {"type": "number", "minimum": 0},
+                }
+            )
+        if params:
+            op["parameters"] = params
+        if body is not None:
+            op["requestBody"] = {
+                "required": not optional,
+                "content": {"application/json": {"schema": body}},
+            }
+        for status, schema in responses.items():
+            desc = "Success" if status < 300 else _ERRORS.get(status, "Error")
+            if status in (503,) and schema is not None:
+                desc = _ERRORS[503]
+            entry: dict[str, Any] = {"description": desc}
+            if schema is not None or status >= 400:
+                entry["content"] = {"application/json": {"schema": schema or s.ERROR}}
+            op["responses"][str(status)] = entry
+        if auth:
+            op["responses"].setdefault(
+                "401", {"description": _ERRORS[401], "content": {"application/json": {"schema": s.ERROR}}}
+            )
+        paths.setdefault(path, {})[method] = op
+    paths["/openapi.json"] = {
+        "get": {
+            "summary": "This document",
+            "responses": {"200": {"description": "OpenAPI 3.1 document", "content": {"application/json": {}}}},
+        }
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Compute Broker API",
+            "version": "1.0.0",
+            "description": "Accounts, availability and pool requests for peer-to-peer compute.",
+        },
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWE (dir, A256GCM)"}
+            }
+        },
+    }

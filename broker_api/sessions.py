@@ -1,0 +1,207 @@
+"""Session resources: request a pool, list, read (long-poll), end, leave.
+
+Sessions are visible to their owner and their members only; to anyone else a session
+does not exist (404), so ids reveal nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import falcon
+import redis
+
+from broker_api import schemas
+from broker_api.availability import Availability
+from broker_api.bodies import read_json
+from broker_api.exceptions import Forbidden, InvalidRequest, NotFound, Unavailable
+from broker_api.models import Member, Session, User, db
+from broker_api.settings import Settings
+from matchmaker import keys
+from matchmaker.keys import Status
+
+DEFAULT_TIMEOUT = 30
+
+
+def session_view(session: Session, viewer_id: str) -> dict[str, Any]:
+    """A session as its owner (all workers) or a member (only itself) sees it."""
+    role = "owner" if session.owner_id == viewer_id else "member"
+    rows = (
+        Member.select(Member, User)
+        .join(User)
+        .where(Member.session == session.id)
+        .order_by(User.id)
+    )
+    if role == "member":
+        rows = rows.where(Member.user == viewer_id)
+    owner = User.get_by_id(session.owner_id)
+    workers = [
+        {"id": m.user.id, "address": m.user.address, "pubKey": m.user.pub_key, "slots": m.slots}
+        for m in rows
+    ]
+    return {
+        "id": session.id,
+        "status": session.status,
+        "role": role,
+        "requestedWorkers": session.workers,
+        "minWorkers": session.min_workers,
+        "timeout": session.timeout,
+        "runtime": session.runtime_dict,
+        "createdAt": session.created_at,
+        "updatedAt": session.updated_at,
+        "deadline": session.deadline,
+        "owner": {"id": owner.id, "pubKey": owner.pub_key},
+        "workers": workers,
+        "slots": sum(w["slots"] for w in workers),
+    }
+
+
+def _visible(session_id: str, user_id: str) -> Session:
+    """The session if the caller owns it or works in it; otherwise NotFound."""
+    session = Session.get_or_none(Session.id == session_id)
+    if session is None:
+        raise NotFound("no such session")
+    if session.owner_id != user_id and not (
+        Member.select().where(Member.session == session_id, Member.user == user_id).exists()
+    ):
+        raise NotFound("no such session")
+    return session
+
+
+class SessionsResource:
+    """``/v1/sessions``: request a pool (queued for the matchmaker) or list sessions."""
+
+    def __init__(self, settings: Settings, availability: Availability) -> None:
+        self._settings = settings
+        self._availability = availability
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = read_json(req, schemas.CREATE_SESSION, max_bytes=self._settings.max_body_bytes)
+        workers = int(body["workers"])
+        min_workers = int(body.get("minWorkers", workers))
+        if min_workers > workers:
+            raise InvalidRequest("field 'minWorkers' must not exceed 'workers'")
+        timeout = int(body.get("timeout", DEFAULT_TIMEOUT))
+        now = time.time()
+        with db.atomic():
+            session = Session.create(
+                owner=req.context.caller.user_id,
+                workers=workers,
+                min_workers=min_workers,
+                timeout=timeout,
+                runtime=json.dumps(body.get("runtime", {}), sort_keys=True),
+                created_at=now,
+                updated_at=now,
+                deadline=now + timeout,
+            )
+        try:
+            self._availability.request_match(session.id)
+        except redis.RedisError:
+            # Nothing is written when the request cannot be queued.
+            session.delete_instance()
+            raise Unavailable("the matchmaker queue cannot be reached; retry shortly") from None
+        resp.status = falcon.HTTP_202
+        resp.location = f"/v1/sessions/{session.id}"
+        resp.media = session_view(session, req.context.caller.user_id)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        user_id = req.context.caller.user_id
+        member_of = Member.select(Member.session).where(Member.user == user_id)
+        sessions = (
+            Session.select()
+            .where((Session.owner == user_id) | (Session.id.in_(member_of)))
+            .order_by(Session.created_at.desc())
+        )
+        resp.media = {"sessions": [session_view(s, user_id) for s in sessions]}
+
+
+class SessionResource:
+    """``/v1/sessions/{id}``: read (optionally long-poll) or end a session."""
+
+    def __init__(self, settings: Settings, availability: Availability, conn: redis.Redis) -> None:
+        self._settings = settings
+        self._availability = availability
+        self._conn = conn
+
+    def _wait_param(self, req: falcon.Request) -> float:
+        raw = req.get_param("wait")
+        if raw is None:
+            return 0.0
+        try:
+            wait = float(raw)
+        except ValueError:
+            raise InvalidRequest("query parameter 'wait' must be a number of seconds") from None
+        if not math.isfinite(wait) or wait < 0:
+            raise InvalidRequest("query parameter 'wait' must be a non-negative number")
+        return min(wait, float(self._settings.max_wait))
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
+        user_id = req.context.caller.user_id
+        wait = self._wait_param(req)
+        session = _visible(session_id, user_id)
+        if wait > 0:
+            session = self._long_poll(session, user_id, wait)
+        resp.media = session_view(session, user_id)
+
+    def _long_poll(self, session: Session, user_id: str, wait: float) -> Session:
+        """Wait up to ``wait`` seconds for the status to differ from its current one.
+
+        Subscribes before re-reading the status, so a change published in between is
+        not missed; the database connection is released while waiting.
+        """
+        initial = session.status
+        deadline = time.monotonic() + wait
+        pubsub = self._conn.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(keys.session_channel(session.id))
+            current = _visible(session.id, user_id)
+            while current.status == initial:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                db.close()
+                message = pubsub.get_message(timeout=remaining)
+                if message is not None:
+                    current = _visible(session.id, user_id)
+            return current
+        finally:
+            pubsub.close()
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
+        session = _visible(session_id, req.context.caller.user_id)
+        if session.owner_id != req.context.caller.user_id:
+            raise Forbidden("only the session's owner can end it; members leave via workers/me")
+        # Close before releasing: if Redis fails in between, a rebuild will not count
+        # this session's slots as held, and a retried DELETE finishes the job.
+        with db.atomic():
+            Session.update(status=Status.CLOSED.value, updated_at=time.time()).where(
+                Session.id == session_id
+            ).execute()
+        self._availability.release(session_id)
+        with db.atomic():
+            Session.delete().where(Session.id == session_id).execute()
+        self._availability.session_ended(session_id)
+        resp.status = falcon.HTTP_204
+
+
+class MembershipResource:
+    """``DELETE /v1/sessions/{id}/workers/me``: the caller's peer leaves a session."""
+
+    def __init__(self, availability: Availability) -> None:
+        self._availability = availability
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
+        user_id = req.context.caller.user_id
+        with db.atomic():
+            left = (
+                Member.delete()
+                .where(Member.session == session_id, Member.user == user_id)
+                .execute()
+            )
+        if not left:
+            raise NotFound("no such session among those you work in")
+        self._availability.release(session_id, user_id)
+        resp.status = falcon.HTTP_204

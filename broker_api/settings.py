@@ -1,0 +1,92 @@
+"""Settings of the broker's web API, read once from the environment.
+
+Every process kind has one frozen settings object built by ``from_env()``; no other
+module reads ``os.environ``. Defaults make a fresh machine work with no set-up: a SQLite
+file and the local Redis served on a unix socket under the data directory (see
+``matchmaker.local_redis``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+
+def data_dir_from(env: Mapping[str, str]) -> Path:
+    """The directory holding the default database, token keys and Redis socket."""
+    return Path(env.get("COMPUTE_BROKER_DATA", "var")).resolve()
+
+
+def default_redis_url(data_dir: Path) -> str:
+    """URL of the local Redis that ``python -m matchmaker.local_redis`` serves."""
+    return f"unix://{data_dir / 'redis.sock'}"
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration of one API process.
+
+    Attributes:
+        database_url: peewee ``playhouse.db_url`` URL (``sqlite:///path`` or
+            ``postgresql://user@host/db``).
+        redis_url: Redis holding availability, heartbeats and the matchmaker queue.
+        token_key_file: JSON file with the token keys; created atomically on first start
+            so that every gunicorn worker and every restart shares it.
+        token_keys: the keys themselves (``TOKEN_KEYS``), overriding the file.
+        token_ttl: seconds a token stays valid.
+        heartbeat_interval: seconds between peer heartbeats; a peer is stale after
+            ``stale_after`` seconds without one.
+        max_body_bytes: request bodies above this are refused with 413.
+        max_wait: cap on ``GET /v1/sessions/{id}?wait=S``.
+        login_max_failures: failed logins per email (and ten times that per client
+            address) within ``login_window`` seconds before 429.
+        scrypt_n: scrypt cost parameter for password hashes.
+    """
+
+    database_url: str
+    redis_url: str
+    token_key_file: Path
+    token_keys: str | None = None
+    token_ttl: int = 3600
+    heartbeat_interval: int = 10
+    max_body_bytes: int = 64 * 1024
+    max_wait: int = 30
+    login_max_failures: int = 5
+    login_window: int = 300
+    scrypt_n: int = 2**14
+
+    @property
+    def stale_after(self) -> int:
+        """Seconds without heartbeat after which a peer is not matched."""
+        return 3 * self.heartbeat_interval
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from environment variables (see README, Configuration)."""
+        env = os.environ if env is None else env
+        data = data_dir_from(env)
+        return cls(
+            database_url=env.get("DATABASE_URL") or f"sqlite:///{data / 'broker.db'}",
+            redis_url=env.get("REDIS_URL") or default_redis_url(data),
+            token_key_file=Path(env.get("TOKEN_KEY_FILE") or data / "token-keys.json"),
+            token_keys=env.get("TOKEN_KEYS") or None,
+            token_ttl=_int(env, "TOKEN_TTL", 3600),
+            heartbeat_interval=_int(env, "HEARTBEAT_INTERVAL", 10),
+            max_body_bytes=_int(env, "MAX_BODY_BYTES", 64 * 1024),
+            max_wait=_int(env, "MAX_WAIT", 30),
+            login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 5),
+            login_window=_int(env, "LOGIN_WINDOW", 300),
+            scrypt_n=_int(env, "SCRYPT_N", 2**14),
+        )

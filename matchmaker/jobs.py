@@ -1,0 +1,141 @@
+"""rq jobs: importable functions taking ids, run by ``python -m matchmaker``.
+
+``match_session`` is idempotent: a duplicated, retried or concurrent run of the same
+session gets the same reservation back from the registry and at most one run records
+it, because the status moves from ``pending`` only by a conditional update.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import peewee
+from rq import Queue, get_current_job
+
+from broker_api.models import Member, Session, db
+from matchmaker import keys, recovery
+from matchmaker.keys import Status
+from matchmaker.queue import match_queue, schedule_deadline
+from matchmaker.registry import Registry, RegistryLost, runtime_bucket
+from matchmaker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_settings: Settings | None = None
+
+
+def configure(settings: Settings) -> None:
+    """Set the settings jobs use (the worker's entry point, or a test, calls this)."""
+    global _settings
+    _settings = settings
+
+
+def _context() -> tuple[Registry, Queue]:
+    global _settings
+    if _settings is None:
+        _settings = Settings.from_env()
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("matchmaker jobs run inside an rq worker")
+    return Registry(job.connection, stale_after=_settings.stale_after), match_queue(job.connection)
+
+
+def match_session(session_id: str) -> str:
+    """Try to match one pending session; returns its status afterwards."""
+    registry, queue = _context()
+    with db.connection_context():
+        return attempt(registry, queue, session_id)
+
+
+def rematch_pending() -> int:
+    """Retry every pending session, oldest first, after capacity grew.
+
+    Returns how many sessions left ``pending``. Does nothing when another run already
+    consumed the flag set by ``request_rematch``.
+    """
+    registry, queue = _context()
+    if not registry.conn.getdel(keys.REMATCH_FLAG):
+        return 0
+    done = 0
+    with db.connection_context():
+        for session_id in registry.pending():
+            if attempt(registry, queue, session_id) != Status.PENDING.value:
+                done += 1
+    return done
+
+
+def attempt(registry: Registry, queue: Queue, session_id: str, *, _retry: bool = True) -> str:
+    """One matching attempt for a session (the body of ``match_session``)."""
+    session = Session.get_or_none(Session.id == session_id)
+    if session is None or session.status != Status.PENDING.value:
+        registry.unpend(session_id)
+        return session.status if session else Status.CLOSED.value
+    now = time.time()
+    final = now >= session.deadline
+    runtime = session.runtime_dict
+    buckets = [runtime_bucket(runtime)] if runtime else registry.buckets()
+    try:
+        reserved = registry.reserve(
+            session_id,
+            requester=session.owner_id,
+            buckets=buckets,
+            need=session.workers,
+            minimum=session.min_workers if final else session.workers,
+            now=now,
+        )
+    except RegistryLost:
+        recovery.ensure_registry(registry, queue)
+        if not _retry:
+            raise
+        return attempt(registry, queue, session_id, _retry=False)
+
+    if not reserved:
+        if final:
+            _finish(registry, session_id, Status.FAILED)
+            return Status.FAILED.value
+        if registry.pend(session_id, session.created_at):
+            schedule_deadline(queue, session_id, session.deadline)
+        return Status.PENDING.value
+
+    status = Status.MATCHED if sum(reserved.values()) >= session.workers else Status.PARTIAL
+    try:
+        with db.atomic():
+            moved = (
+                Session.update(status=status.value, updated_at=now)
+                .where(Session.id == session_id, Session.status == Status.PENDING.value)
+                .execute()
+            )
+            if moved:
+                Member.insert_many(
+                    [{"session": session_id, "user": uid, "slots": n} for uid, n in reserved.items()]
+                ).execute()
+    except peewee.IntegrityError:
+        # A reserved peer's account was deleted meanwhile: give the slots back and
+        # try again with the peers that remain.
+        log.warning("session %s: a reserved peer vanished; retrying", session_id)
+        registry.release(session_id)
+        if not _retry:
+            raise
+        return attempt(registry, queue, session_id, _retry=False)
+    if not moved:
+        current = Session.get_or_none(Session.id == session_id)
+        if current is None or current.status not in keys.HOLDING:
+            registry.release(session_id)
+        registry.unpend(session_id)
+        return current.status if current else Status.CLOSED.value
+    registry.unpend(session_id)
+    registry.conn.publish(keys.session_channel(session_id), status.value)
+    log.info("session %s %s with %s", session_id, status.value, reserved)
+    return status.value
+
+
+def _finish(registry: Registry, session_id: str, status: Status) -> None:
+    moved = (
+        Session.update(status=status.value, updated_at=time.time())
+        .where(Session.id == session_id, Session.status == Status.PENDING.value)
+        .execute()
+    )
+    registry.unpend(session_id)
+    if moved:
+        registry.conn.publish(keys.session_channel(session_id), status.value)

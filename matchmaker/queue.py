@@ -1,0 +1,47 @@
+"""Enqueueing matchmaker jobs: the one place that knows queue names and job options."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from matchmaker import keys
+
+
+def match_queue(conn: redis.Redis) -> Queue:
+    """The matchmaker's rq queue (JSON serializer: job arguments are only ids)."""
+    return Queue(keys.QUEUE_NAME, connection=conn, serializer=JSONSerializer)
+
+
+def enqueue_match(queue: Queue, session_id: str) -> None:
+    """Ask the matchmaker to try to match a session now."""
+    queue.enqueue(
+        "matchmaker.jobs.match_session",
+        session_id,
+        result_ttl=60,
+        failure_ttl=24 * 3600,
+        description=f"match {session_id}",
+    )
+
+
+def schedule_deadline(queue: Queue, session_id: str, deadline: float) -> None:
+    """Ask for a final attempt at a session's deadline (needs a worker running
+    ``--with-scheduler``; ``python -m matchmaker`` does)."""
+    queue.enqueue_at(
+        datetime.fromtimestamp(deadline, tz=timezone.utc),
+        "matchmaker.jobs.match_session",
+        session_id,
+        result_ttl=60,
+        failure_ttl=24 * 3600,
+        description=f"deadline {session_id}",
+    )
+
+
+def request_rematch(queue: Queue) -> None:
+    """Capacity grew: retry pending sessions. Bursts of calls cost one real pass,
+    since the job does work only if the flag it clears was set."""
+    queue.connection.set(keys.REMATCH_FLAG, "1")
+    queue.enqueue("matchmaker.jobs.rematch_pending", result_ttl=0, failure_ttl=24 * 3600)

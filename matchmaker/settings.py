@@ -1,0 +1,31 @@
+"""Settings of a matchmaker process, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from broker_api.settings import Settings as ApiSettings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration of one matchmaker worker.
+
+    The matchmaker shares the database, Redis and heartbeat configuration with the API
+    (it reads the same variables), so it is derived from the API's settings.
+    """
+
+    database_url: str
+    redis_url: str
+    heartbeat_interval: int
+
+    @property
+    def stale_after(self) -> int:
+        return 3 * self.heartbeat_interval
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        api = ApiSettings.from_env(os.environ if env is None else env)
+        return cls(api.database_url, api.redis_url, api.heartbeat_interval)

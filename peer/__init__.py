@@ -1,0 +1,1 @@
+"""Compute Broker peer: the contributor daemon, its sandbox, and the requester library."""

@@ -1,0 +1,242 @@
+"""Serialization of code and data: the only module that unpickles.
+
+Code (functions) travels with dill, once per session, because only dill can pickle
+lambdas and closures by value. Data travels with the C pickler at protocol 5 with
+out-of-band buffers, because dill's pure-Python pickler is ~50x slower on plain data
+and protocol 5 lets large arrays go out without copies; dill is the fallback for the
+few objects the C pickler refuses, and a 1-byte flag says which one encoded a value.
+
+Results from a peer are decoded by default with an allow-list unpickler that can only
+build data (builtins, a few stdlib value types, numpy arrays), so a malicious peer
+cannot run code on the requester. ``trusted=True`` opts in to full pickle and dill.
+"""
+
+from __future__ import annotations
+
+import collections
+import copyreg
+import datetime
+import decimal
+import fractions
+import hashlib
+import io
+import pickle
+import traceback
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dill
+
+from peer.errors import ProtocolError, UnsafeResultError
+
+Buffer = bytes | bytearray | memoryview
+
+PICKLE = b"\x00"
+DILL = b"\x01"
+_MESSAGE_LIMIT = 8 * 1024
+_TRACEBACK_LIMIT = 32 * 1024
+
+
+def dumps_code(fn: Callable[..., Any]) -> bytes:
+    """Pickle a function by value with dill, following the globals it uses.
+
+    ``recurse=True`` makes dill pickle only the globals the function refers to
+    instead of the whole ``__main__`` namespace. Functions defined in importable
+    modules other than ``__main__`` are pickled by reference, as pickle does, so the
+    peer must be able to import that module.
+    """
+    if not callable(fn):
+        raise TypeError(f"expected a callable, got {type(fn).__name__}")
+    return dill.dumps(fn, protocol=5, recurse=True)
+
+
+def code_id(code: Buffer) -> str:
+    """Name pickled code by its content, so both sides agree on a cache key."""
+    return hashlib.blake2b(code, digest_size=16).hexdigest()
+
+
+def loads_code(payload: Buffer) -> Callable[..., Any]:
+    """Load a function pickled by `dumps_code`.
+
+    This runs arbitrary code by design; the peer calls it only inside the sandbox
+    and only for a session it has authenticated.
+    """
+    return dill.loads(payload)
+
+
+class _NeedsDill(Exception):
+    """The C pickler produced a stream the other side could not load."""
+
+
+def dumps_data(obj: Any) -> list[Buffer]:
+    """Encode a value as ``[flag, pickle stream, *out-of-band buffers]``.
+
+    The out-of-band buffers are views of the objects' own memory (e.g. a numpy
+    array's data), so sending them with `wire.write_frame` copies nothing.
+    Objects that reference ``__main__`` are re-encoded with dill, because the
+    C pickler stores them by a name the receiving process does not have.
+    """
+    oob: list[pickle.PickleBuffer] = []
+    try:
+        stream = pickle.dumps(obj, protocol=5, buffer_callback=oob.append)
+        if b"__main__" in stream:
+            raise _NeedsDill
+        flag = PICKLE
+    except (pickle.PicklingError, TypeError, AttributeError, _NeedsDill):
+        oob = []
+        stream = dill.dumps(obj, protocol=5, recurse=True, buffer_callback=oob.append)
+        flag = DILL
+    return [flag, stream, *(buf.raw() for buf in oob)]
+
+
+def loads_data(buffers: Sequence[Buffer], *, trusted: bool) -> Any:
+    """Decode what `dumps_data` produced.
+
+    Args:
+        buffers: The flag, the pickle stream and the out-of-band buffers; numpy
+            arrays are built on top of the out-of-band buffers without copying.
+        trusted: False for results from a peer: only allow-listed data types may
+            be built and dill-encoded values are refused. True inside the sandbox
+            (the requester's own arguments) or for peers the requester trusts.
+
+    Raises:
+        UnsafeResultError: untrusted data needed a global outside the allow-list
+            or was encoded with dill.
+        ProtocolError: the buffers are not a valid encoding.
+    """
+    if len(buffers) < 2:
+        raise ProtocolError(f"encoded value needs at least 2 buffers, got {len(buffers)}")
+    flag, stream, oob = bytes(buffers[0]), buffers[1], buffers[2:]
+    if flag == DILL:
+        if not trusted:
+            raise UnsafeResultError(
+                "value was encoded with dill, which can run code; "
+                "decode it only from a trusted peer (trusted=True)"
+            )
+        return dill.loads(stream, buffers=oob)
+    if flag != PICKLE:
+        raise ProtocolError(f"unknown encoding flag {flag!r}")
+    if trusted:
+        return pickle.loads(stream, buffers=oob)
+    try:
+        return _DataUnpickler(io.BytesIO(stream), buffers=oob).load()
+    except UnsafeResultError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"malformed result pickle: {exc!r}") from exc
+
+
+_SAFE_TYPES: frozenset[type] = frozenset(
+    {
+        int,
+        float,
+        complex,
+        str,
+        bytes,
+        bytearray,
+        list,
+        tuple,
+        dict,
+        set,
+        frozenset,
+        bool,
+        slice,
+        range,
+        collections.OrderedDict,
+        collections.defaultdict,
+        collections.deque,
+        collections.Counter,
+        datetime.date,
+        datetime.datetime,
+        datetime.time,
+        datetime.timedelta,
+        datetime.timezone,
+        decimal.Decimal,
+        fractions.Fraction,
+        uuid.UUID,
+        uuid.SafeUUID,
+    }
+)
+
+_NUMPY_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+}
+
+
+def _type_of_singleton(*args: Any) -> type:
+    """Stand in for ``builtins.type``, which pickle uses only to rebuild NoneType.
+
+    The real ``type`` would also accept three arguments and create a class.
+    """
+    if len(args) == 1 and args[0] in (None, NotImplemented, Ellipsis):
+        return type(args[0])
+    raise UnsafeResultError("refusing builtins.type except for type(None)")
+
+
+def _safe_reconstructor(cls: type, base: type, state: Any) -> Any:
+    """Stand in for ``copyreg._reconstructor``, limited to allow-listed types."""
+    if cls not in _SAFE_TYPES or (base is not object and base not in _SAFE_TYPES):
+        raise UnsafeResultError(f"refusing copyreg._reconstructor for {cls!r}")
+    return copyreg._reconstructor(cls, base, state)  # type: ignore[attr-defined]
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """An unpickler that can only build data: every global goes through an allow-list."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "type"):
+            return _type_of_singleton
+        if (module, name) == ("copyreg", "_reconstructor"):
+            return _safe_reconstructor
+        if (module, name) in _NUMPY_GLOBALS:
+            return super().find_class(module, name)
+        if module == "numpy.dtypes" and name.endswith("DType"):
+            found = self._lookup(module, name)
+            if isinstance(found, type):
+                return found
+        if module in {"builtins", "collections", "datetime", "decimal", "fractions", "uuid"}:
+            found = self._lookup(module, name)
+            if isinstance(found, type) and found in _SAFE_TYPES:
+                return found
+        raise UnsafeResultError(
+            f"refusing to load global {module}.{name}: results from untrusted peers "
+            "may contain only data; pass trusted=True for peers you trust"
+        )
+
+    def _lookup(self, module: str, name: str) -> Any:
+        """Resolve a name in an allow-listed module; unknown names resolve to None."""
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return None
+
+
+def format_exception(exc: BaseException) -> dict[str, str]:
+    """Describe an exception as text for the wire (execnet style).
+
+    A pickled exception would make the requester unpickle peer-chosen objects, and
+    its class may not exist on the requester; a name, message and traceback do not.
+    Long messages and tracebacks are cut so the result fits a bounded JSON frame.
+    """
+    cls = type(exc)
+    type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    message = _clip(str(exc), _MESSAGE_LIMIT, keep_end=False)
+    text = "".join(traceback.format_exception(exc))
+    return {"type": type_name, "message": message, "traceback": _clip(text, _TRACEBACK_LIMIT, keep_end=True)}
+
+
+def _clip(text: str, limit: int, *, keep_end: bool) -> str:
+    """Shorten ``text`` to about ``limit`` characters, keeping the informative end."""
+    if len(text) <= limit:
+        return text
+    if keep_end:
+        return "[...]\n" + text[-limit:]
+    return text[:limit] + " [...]"

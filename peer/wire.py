@@ -1,0 +1,182 @@
+"""The peer protocol's frame format, in one place.
+
+A frame is a fixed 16-byte header followed by a payload::
+
+    magic b"CB01" | version u8 | kind u8 | 2 pad bytes | payload length u64
+
+The length is checked against a cap before anything is allocated, so a hostile
+header cannot make us reserve gigabytes. This module only moves bytes: it never
+imports dill or pickle, which keeps "where do we unpickle?" a one-line grep
+(`peer/codec.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from collections.abc import Sequence
+from enum import IntEnum
+from typing import Any
+
+from peer.errors import ConnectionClosed, ProtocolError
+
+MAGIC = b"CB01"
+VERSION = 1
+HEADER = struct.Struct("!4sBBxxQ")
+DEFAULT_MAX_FRAME = 256 * 1024 * 1024
+JSON_LIMIT = 64 * 1024
+
+# Parts smaller than this are joined before sending: one syscall for the header and
+# small pieces, while big buffers go out as they are, without a copy.
+_COALESCE = 64 * 1024
+_COUNT = struct.Struct("!I")
+_LENGTH = struct.Struct("!Q")
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Kind(IntEnum):
+    """What a frame carries; the numbers are part of the protocol."""
+
+    HELLO = 1  # JSON: who I am and which session I speak for
+    HELLO_OK = 2  # JSON: accepted (also a sandbox child's "ready")
+    REFUSE = 3  # JSON: refused, with a reason; the sender then closes
+    FUNC = 4  # buffers: code id, dill-pickled function
+    TASK = 5  # buffers: task/code id, then codec.dumps_data((args, kwargs))
+    RESULT = 6  # buffers: task id or metadata, then codec.dumps_data(result)
+    ERROR = 7  # JSON: codec.format_exception(...) plus identifiers
+    SHARE = 8  # buffers: a tracked object sent once
+    DELTA = 9  # buffers: changes to a shared tracked object
+    PING = 10
+    PONG = 11
+    BYE = 12  # orderly close
+
+
+def write_frame(sock: socket.socket, kind: Kind, payload_parts: Sequence[Buffer] = ()) -> None:
+    """Send one frame whose payload is the concatenation of ``payload_parts``.
+
+    Large parts are passed to ``sendall`` as they are, so a 100 MB array is never
+    copied into a joined buffer; small parts are joined with the header first to
+    keep the syscall count down for the many tiny frames of a busy session.
+    """
+    views = [memoryview(part).cast("B") for part in payload_parts]
+    length = sum(view.nbytes for view in views)
+    pending: list[Buffer] = [HEADER.pack(MAGIC, VERSION, int(kind), length)]
+    for view in views:
+        if view.nbytes < _COALESCE:
+            pending.append(view)
+            continue
+        sock.sendall(b"".join(pending))
+        pending = []
+        sock.sendall(view)
+    if pending:
+        sock.sendall(b"".join(pending))
+
+
+def read_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[Kind, memoryview]:
+    """Receive one frame and return its kind and payload.
+
+    Raises:
+        ConnectionClosed: the peer closed the connection before a new frame began.
+        ProtocolError: bad magic, version or kind, a length over ``max_frame``, or
+            a connection closed in the middle of a frame.
+        OSError: transport errors (including ``TimeoutError``) propagate unchanged
+            so the caller can tell a slow peer from a malformed one.
+    """
+    header = bytearray(HEADER.size)
+    got = _recv_exactly(sock, memoryview(header))
+    if got == 0:
+        raise ConnectionClosed("connection closed")
+    if got < HEADER.size:
+        raise ProtocolError(f"truncated frame header: got {got} of {HEADER.size} bytes")
+    magic, version, kind_value, length = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}, expected {VERSION}")
+    try:
+        kind = Kind(kind_value)
+    except ValueError:
+        raise ProtocolError(f"unknown frame kind {kind_value}") from None
+    if length > max_frame:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {max_frame}-byte limit")
+    payload = memoryview(bytearray(length))
+    got = _recv_exactly(sock, payload)
+    if got < length:
+        raise ProtocolError(f"truncated {kind.name} frame: got {got} of {length} bytes")
+    return kind, payload
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> int:
+    """Fill ``view`` with large ``recv_into`` calls; return the count read before EOF."""
+    pos = 0
+    size = view.nbytes
+    while pos < size:
+        n = sock.recv_into(view[pos:])
+        if n == 0:
+            break
+        pos += n
+    return pos
+
+
+def pack_buffers(buffers: Sequence[Buffer]) -> list[Buffer]:
+    """Lay out N buffers as one payload: a count, N lengths, then the buffers.
+
+    Returns the parts for `write_frame` rather than one joined buffer, so pickle
+    protocol-5 out-of-band buffers are sent straight from the memory they live in.
+    """
+    views = [memoryview(buf).cast("B") for buf in buffers]
+    head = _COUNT.pack(len(views)) + b"".join(_LENGTH.pack(v.nbytes) for v in views)
+    return [head, *views]
+
+
+def unpack_buffers(payload: Buffer) -> list[memoryview]:
+    """Split a `pack_buffers` payload into memoryviews slicing ``payload`` (no copies).
+
+    Raises:
+        ProtocolError: the count or lengths do not add up to the payload exactly.
+    """
+    view = memoryview(payload).cast("B")
+    size = view.nbytes
+    if size < _COUNT.size:
+        raise ProtocolError("multi-buffer payload shorter than its count")
+    (count,) = _COUNT.unpack_from(view)
+    pos = _COUNT.size + count * _LENGTH.size
+    if pos > size:
+        raise ProtocolError(f"multi-buffer payload too short for {count} lengths")
+    lengths = struct.unpack_from(f"!{count}Q", view, _COUNT.size)
+    if pos + sum(lengths) != size:
+        raise ProtocolError("multi-buffer lengths do not match the payload size")
+    out = []
+    for length in lengths:
+        out.append(view[pos : pos + length])
+        pos += length
+    return out
+
+
+def encode_json(obj: dict[str, Any]) -> bytes:
+    """Encode a small control message (HELLO, REFUSE, ERROR) as compact UTF-8 JSON."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode_json(payload: Buffer, limit: int = JSON_LIMIT) -> dict[str, Any]:
+    """Decode a control message, accepting only a JSON object within ``limit`` bytes.
+
+    JSON is parsed before the peer knows who is talking, so it is bounded and typed
+    here rather than trusted.
+
+    Raises:
+        ProtocolError: too large, not UTF-8, not JSON, too deeply nested, or not
+            an object.
+    """
+    view = memoryview(payload)
+    if view.nbytes > limit:
+        raise ProtocolError(f"JSON message of {view.nbytes} bytes exceeds {limit} bytes")
+    try:
+        obj = json.loads(bytes(view).decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"invalid JSON message: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"JSON message must be an object, got {type(obj).__name__}")
+    return obj
