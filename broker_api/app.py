@@ -30,8 +30,10 @@ def create_app(settings: Settings, *, conn: redis.Redis | None = None) -> falcon
     """
     database = bind_database(settings.database_url)
     create_tables()
-    keys = TokenKeys.from_json(settings.token_keys) if settings.token_keys else TokenKeys.load_or_create(
-        settings.token_key_file
+    keys = (
+        TokenKeys.from_json(settings.token_keys)
+        if settings.token_keys
+        else TokenKeys.load_or_create(settings.token_key_file)
     )
     codec = TokenCodec(keys, settings.token_ttl)
     if conn is None:

@@ -59,7 +59,9 @@ class AuthMiddleware:
         self._codec = codec
         self._versions = versions
 
-    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict) -> None:
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict
+    ) -> None:
         if resource is None or getattr(resource, "public", False):
             return
         header = req.get_header("Authorization")
@@ -83,6 +85,8 @@ class DatabaseMiddleware:
     def __init__(self, database: Any) -> None:
         self._db = database
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool) -> None:
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
+    ) -> None:
         if not self._db.is_closed():
             self._db.close()

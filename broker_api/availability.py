@@ -7,7 +7,8 @@ costs a peer nothing but its next heartbeat.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from rq import Queue
 

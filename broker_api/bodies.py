@@ -43,11 +43,36 @@ def _describe(error: ValidationError) -> str:
     return f"field {where!r}: {error.message}" if where else error.message
 
 
+def _nul_field(value: Any, where: str = "") -> str | None:
+    """The dotted path of the first string (key or value) holding a NUL character.
+
+    Such strings are refused: PostgreSQL cannot store them, and no field needs one.
+    """
+    if isinstance(value, str):
+        return where if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if "\x00" in key:
+                return path
+            found = _nul_field(item, path)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for n, item in enumerate(value):
+            found = _nul_field(item, f"{where}.{n}" if where else str(n))
+            if found is not None:
+                return found
+    return None
+
+
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def read_json(req: falcon.Request, schema: Schema, *, max_bytes: int, optional: bool = False) -> dict[str, Any]:
+def read_json(
+    req: falcon.Request, schema: Schema, *, max_bytes: int, optional: bool = False
+) -> dict[str, Any]:
     """Return the validated JSON object of ``req``'s body.
 
     Args:
@@ -77,4 +102,7 @@ def read_json(req: falcon.Request, schema: Schema, *, max_bytes: int, optional: 
     error = best_match(_validator(schema).iter_errors(body))
     if error is not None:
         raise InvalidRequest(_describe(error))
+    nul = _nul_field(body)
+    if nul is not None:
+        raise InvalidRequest(f"field {nul!r} contains a NUL character")
     return body

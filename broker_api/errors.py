@@ -73,7 +73,9 @@ def _unexpected(req: falcon.Request, resp: falcon.Response, error: Exception, pa
     if isinstance(error, falcon.HTTPError):
         raise error
     log.exception("unhandled error on %s %s", req.method, req.path)
-    raise falcon.HTTPInternalServerError(title="Internal error", description="the request failed; it was logged")
+    raise falcon.HTTPInternalServerError(
+        title="Internal error", description="the request failed; it was logged"
+    )
 
 
 def install(app: falcon.App) -> None:

@@ -30,7 +30,11 @@ class HealthResource:
             redis_state = f"unreachable: {type(exc).__name__}"
         healthy = database == "ok" and redis_state == "ok"
         resp.status = falcon.HTTP_200 if healthy else falcon.HTTP_503
-        resp.media = {"status": "ok" if healthy else "unavailable", "database": database, "redis": redis_state}
+        resp.media = {
+            "status": "ok" if healthy else "unavailable",
+            "database": database,
+            "redis": redis_state,
+        }
 
 
 class OpenApiResource:

@@ -66,7 +66,7 @@ class User(BaseModel):
     jobs = peewee.IntegerField(default=0)
     runtime = peewee.TextField(default="{}")
     token_version = peewee.IntegerField(default=1)
-    created_at = peewee.FloatField(default=time.time)
+    created_at = peewee.DoubleField(default=time.time)
 
     @property
     def runtime_dict(self) -> dict[str, str]:
@@ -87,9 +87,9 @@ class Session(BaseModel):
     min_workers = peewee.IntegerField()
     timeout = peewee.IntegerField()
     runtime = peewee.TextField(default="{}")
-    created_at = peewee.FloatField(default=time.time)
-    updated_at = peewee.FloatField(default=time.time)
-    deadline = peewee.FloatField()
+    created_at = peewee.DoubleField(default=time.time)
+    updated_at = peewee.DoubleField(default=time.time)
+    deadline = peewee.DoubleField()
 
     @property
     def runtime_dict(self) -> dict[str, str]:

@@ -61,9 +61,7 @@ def build_document() -> dict[str, Any]:
             op["security"] = [{"bearer": []}]
         params = []
         if "{sessionId}" in path:
-            params.append(
-                {"name": "sessionId", "in": "path", "required": True, "schema": {"type": "string"}}
-            )
+            params.append({"name": "sessionId", "in": "path", "required": True, "schema": {"type": "string"}})
         if method == "get" and path == "/v1/sessions/{sessionId}":
             params.append(
                 {
@@ -97,7 +95,9 @@ def build_document() -> dict[str, Any]:
     paths["/openapi.json"] = {
         "get": {
             "summary": "This document",
-            "responses": {"200": {"description": "OpenAPI 3.1 document", "content": {"application/json": {}}}},
+            "responses": {
+                "200": {"description": "OpenAPI 3.1 document", "content": {"application/json": {}}}
+            },
         }
     }
     return {

@@ -30,7 +30,12 @@ _ADDRESS: Schema = {
     "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$",
     "description": "host:port at which the peer accepts work.",
 }
-_VERSION: Schema = {"type": "string", "minLength": 1, "maxLength": 32, "pattern": r"^[0-9]+(\.[0-9A-Za-z]+)*$"}
+_VERSION: Schema = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 32,
+    "pattern": r"^[0-9]+(\.[0-9A-Za-z]+)*$",
+}
 RUNTIME: Schema = {
     "type": "object",
     "description": "What serialized code needs: Python and dill versions, platform.",

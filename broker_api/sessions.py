@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from typing import Any
 
@@ -24,23 +25,25 @@ from matchmaker import keys
 from matchmaker.keys import Status
 
 DEFAULT_TIMEOUT = 30
+#: Ids are ``uuid4().hex``. Anything else is answered 404 before it reaches the
+#: database (PostgreSQL rejects NUL bytes in text with an error, not a miss).
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _check_id(session_id: str) -> None:
+    if not _ID.fullmatch(session_id):
+        raise NotFound("no such session")
 
 
 def session_view(session: Session, viewer_id: str) -> dict[str, Any]:
     """A session as its owner (all workers) or a member (only itself) sees it."""
     role = "owner" if session.owner_id == viewer_id else "member"
-    rows = (
-        Member.select(Member, User)
-        .join(User)
-        .where(Member.session == session.id)
-        .order_by(User.id)
-    )
+    rows = Member.select(Member, User).join(User).where(Member.session == session.id).order_by(User.id)
     if role == "member":
         rows = rows.where(Member.user == viewer_id)
     owner = User.get_by_id(session.owner_id)
     workers = [
-        {"id": m.user.id, "address": m.user.address, "pubKey": m.user.pub_key, "slots": m.slots}
-        for m in rows
+        {"id": m.user.id, "address": m.user.address, "pubKey": m.user.pub_key, "slots": m.slots} for m in rows
     ]
     return {
         "id": session.id,
@@ -61,6 +64,7 @@ def session_view(session: Session, viewer_id: str) -> dict[str, Any]:
 
 def _visible(session_id: str, user_id: str) -> Session:
     """The session if the caller owns it or works in it; otherwise NotFound."""
+    _check_id(session_id)
     session = Session.get_or_none(Session.id == session_id)
     if session is None:
         raise NotFound("no such session")
@@ -195,12 +199,9 @@ class MembershipResource:
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
         user_id = req.context.caller.user_id
+        _check_id(session_id)
         with db.atomic():
-            left = (
-                Member.delete()
-                .where(Member.session == session_id, Member.user == user_id)
-                .execute()
-            )
+            left = Member.delete().where(Member.session == session_id, Member.user == user_id).execute()
         if not left:
             raise NotFound("no such session among those you work in")
         self._availability.release(session_id, user_id)

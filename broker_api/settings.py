@@ -9,9 +9,9 @@ file and the local Redis served on a unix socket under the data directory (see
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 
 def data_dir_from(env: Mapping[str, str]) -> Path:

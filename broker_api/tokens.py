@@ -28,9 +28,7 @@ from broker_api.exceptions import InvalidToken
 
 #: The only protected header we emit and accept (algorithm pinning).
 _HEADER = {"alg": "dir", "enc": "A256GCM", "cty": "JWT"}
-_HEADER_B64 = base64.urlsafe_b64encode(
-    json.dumps(_HEADER, separators=(",", ":")).encode()
-).rstrip(b"=")
+_HEADER_B64 = base64.urlsafe_b64encode(json.dumps(_HEADER, separators=(",", ":")).encode()).rstrip(b"=")
 _MAX_TOKEN = 4096
 
 

@@ -200,4 +200,3 @@ class HeartbeatResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         self._availability.announce(User.get_by_id(req.context.caller.user_id))
         resp.status = falcon.HTTP_204
-

@@ -41,11 +41,12 @@ def _context() -> tuple[Registry, Queue]:
     return Registry(job.connection, stale_after=_settings.stale_after), match_queue(job.connection)
 
 
-def match_session(session_id: str) -> str:
-    """Try to match one pending session; returns its status afterwards."""
+def match_session(session_id: str, final: bool = False) -> str:
+    """Try to match one pending session; returns its status afterwards. ``final`` is
+    the deadline's run: it settles the session as ``partial`` or ``failed``."""
     registry, queue = _context()
     with db.connection_context():
-        return attempt(registry, queue, session_id)
+        return attempt(registry, queue, session_id, final=final)
 
 
 def rematch_pending() -> int:
@@ -65,14 +66,16 @@ def rematch_pending() -> int:
     return done
 
 
-def attempt(registry: Registry, queue: Queue, session_id: str, *, _retry: bool = True) -> str:
+def attempt(
+    registry: Registry, queue: Queue, session_id: str, *, final: bool = False, _retry: bool = True
+) -> str:
     """One matching attempt for a session (the body of ``match_session``)."""
     session = Session.get_or_none(Session.id == session_id)
     if session is None or session.status != Status.PENDING.value:
         registry.unpend(session_id)
         return session.status if session else Status.CLOSED.value
     now = time.time()
-    final = now >= session.deadline
+    final = final or now >= session.deadline
     runtime = session.runtime_dict
     buckets = [runtime_bucket(runtime)] if runtime else registry.buckets()
     try:
@@ -88,7 +91,7 @@ def attempt(registry: Registry, queue: Queue, session_id: str, *, _retry: bool =
         recovery.ensure_registry(registry, queue)
         if not _retry:
             raise
-        return attempt(registry, queue, session_id, _retry=False)
+        return attempt(registry, queue, session_id, final=final, _retry=False)
 
     if not reserved:
         if final:
@@ -117,7 +120,7 @@ def attempt(registry: Registry, queue: Queue, session_id: str, *, _retry: bool =
         registry.release(session_id)
         if not _retry:
             raise
-        return attempt(registry, queue, session_id, _retry=False)
+        return attempt(registry, queue, session_id, final=final, _retry=False)
     if not moved:
         current = Session.get_or_none(Session.id == session_id)
         if current is None or current.status not in keys.HOLDING:

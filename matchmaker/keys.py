@@ -5,7 +5,7 @@ The Lua scripts in ``registry`` build the same names from ``PREFIX``; keep them 
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 PREFIX = "cb:"
 
@@ -46,7 +46,7 @@ def session_channel(session_id: str) -> str:
     return f"{PREFIX}session:{session_id}"
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     """Session statuses (SPEC, "Session status")."""
 
     PENDING = "pending"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import math
+from datetime import UTC, datetime
 
 import redis
 from rq import Queue
@@ -29,11 +30,17 @@ def enqueue_match(queue: Queue, session_id: str) -> None:
 
 def schedule_deadline(queue: Queue, session_id: str, deadline: float) -> None:
     """Ask for a final attempt at a session's deadline (needs a worker running
-    ``--with-scheduler``; ``python -m matchmaker`` does)."""
+    ``--with-scheduler``; ``python -m matchmaker`` does).
+
+    rq stores the time as whole seconds, truncated, so it is rounded up here; the job
+    also carries ``final=True`` so that it settles the session even if it runs early
+    (clock skew between hosts) instead of leaving it pending with no deadline job.
+    """
     queue.enqueue_at(
-        datetime.fromtimestamp(deadline, tz=timezone.utc),
+        datetime.fromtimestamp(math.ceil(deadline), tz=UTC),
         "matchmaker.jobs.match_session",
         session_id,
+        final=True,
         result_ttl=60,
         failure_ttl=24 * 3600,
         description=f"deadline {session_id}",

@@ -45,9 +45,7 @@ def ensure_registry(registry: Registry, queue: Queue, *, wait: float = 30.0) -> 
             )
             for row in rows:
                 allocations.setdefault(row.session_id, {})[row.user_id] = row.slots
-            pending = [
-                s.id for s in Session.select(Session.id).where(Session.status == Status.PENDING.value)
-            ]
+            pending = [s.id for s in Session.select(Session.id).where(Session.status == Status.PENDING.value)]
         registry.restore(allocations)
         for session_id in pending:
             enqueue_match(queue, session_id)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import redis
 
@@ -311,8 +311,9 @@ class Registry:
 
     def restore(self, allocations: Mapping[str, Mapping[str, int]]) -> None:
         """Write reservations recovered from the database, then mark the registry
-        complete (pending requests come back as their requeued jobs run). Peers' slots and addresses come back with their
-        next heartbeat; their held counts are restored here so nothing is given twice.
+        complete (pending requests come back as their requeued jobs run). Peers' slots and
+        addresses come back with their next heartbeat; their held counts are restored here
+        so nothing is given twice.
         """
         held: dict[str, int] = {}
         pipe = self.conn.pipeline(transaction=True)
