@@ -1,0 +1,1 @@
+"""Developer and demo launchers and benchmarks (not part of the installed product)."""

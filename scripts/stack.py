@@ -1,0 +1,170 @@
+"""Run the whole stack from the Procfile on this machine, on free ports.
+
+``python -m scripts.stack`` starts Redis (a local one unless ``REDIS_URL`` is set), the
+API under gunicorn and a matchmaker, prints the API's URL, and stops everything on
+Ctrl-C. The demo, the benchmarks and the end-to-end tests use ``LocalStack`` the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def procfile() -> dict[str, str]:
+    """The Procfile as name -> command line."""
+    entries = {}
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, command = line.partition(":")
+            entries[name.strip()] = command.strip()
+    return entries
+
+
+class Process:
+    """One Procfile process, run by a shell as honcho would, in its own process group
+    so that stopping it stops its children (gunicorn workers, rq's scheduler) too."""
+
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log = log_dir / f"{name}-{time.monotonic_ns()}.log"
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                ["bash", "-c", f"exec {procfile()[name]}"],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the group
+        except ProcessLookupError:
+            pass
+        self.proc.wait(5)
+
+
+def wait_http(url: str, timeout: float = 30.0, proc: Process | None = None) -> None:
+    """Wait until ``url`` answers 200, failing early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if proc is not None and proc.proc.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited:\n{proc.output()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
+        time.sleep(0.1)
+
+
+class LocalStack:
+    """Redis (unless ``REDIS_URL`` is set), gunicorn and matchmakers in a data dir.
+
+    Args:
+        data_dir: where the SQLite file, token keys and Redis socket live (a fresh
+            temporary directory by default).
+        matchmakers: how many matchmaker processes to run.
+        env: extra environment for every process.
+    """
+
+    def __init__(
+        self, *, data_dir: Path | None = None, matchmakers: int = 1, env: dict[str, str] | None = None
+    ) -> None:
+        self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="compute-broker-")
+        self.data_dir = data_dir or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "COMPUTE_BROKER_DATA": str(self.data_dir),
+            "PORT": str(self.port),
+            **(env or {}),
+        }
+        self.matchmakers = matchmakers
+        self.processes: list[Process] = []
+
+    def start(self) -> LocalStack:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if not self.env.get("REDIS_URL"):
+                self.processes.append(Process("redis", self.env, self.data_dir))
+            web = Process("web", self.env, self.data_dir)
+            self.processes.append(web)
+            self.processes += [
+                Process("matchmaker", self.env, self.data_dir) for _ in range(self.matchmakers)
+            ]
+            wait_http(f"{self.url}/v1/health", timeout=60, proc=web)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.stack", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "var", help="default: ./var")
+    parser.add_argument("--matchmakers", type=int, default=1)
+    args = parser.parse_args(argv)
+    with LocalStack(data_dir=args.data_dir, matchmakers=args.matchmakers) as stack:
+        print(f"Compute Broker API on {stack.url} (logs in {stack.data_dir}); Ctrl-C stops it.", flush=True)
+        try:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.exit(main())
