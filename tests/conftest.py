@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -29,13 +28,8 @@ from broker_api.settings import Settings
 from matchmaker import jobs
 from matchmaker.queue import match_queue
 from matchmaker.settings import Settings as MatchmakerSettings
+from scripts.stack import free_port
 from tests.openapi_check import ResponseChecker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
@@ -133,7 +127,9 @@ def settings(env: dict[str, str], conn: redis.Redis) -> Settings:
 
 @pytest.fixture
 def app(settings: Settings, conn: redis.Redis) -> Any:
-    jobs.configure(MatchmakerSettings.from_env({"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}))
+    jobs.configure(
+        MatchmakerSettings.from_env({"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url})
+    )
     return create_app(settings, conn=conn)
 
 

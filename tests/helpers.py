@@ -16,22 +16,34 @@ RUNTIME = {"python": platform.python_version(), "dill": dill.__version__, "platf
 
 def public_pem() -> str:
     key = ed25519.Ed25519PrivateKey.generate()
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def signup(client: Any, email: str | None = None, *, password: str = "correct horse battery") -> dict[str, Any]:
+def signup(
+    client: Any,
+    email: str | None = None,
+    *,
+    password: str = "correct horse battery",  # noqa: S107
+) -> dict[str, Any]:
     """Create an account; returns its JSON (with ``token``)."""
     n = next(_counter)
     email = email or f"user{n}@example.org"
     result = client.post(
         "/v1/users",
-        json={"email": email, "password": password, "pubKey": public_pem(), "address": f"127.0.0.1:{20000 + n}"},
+        json={
+            "email": email,
+            "password": password,
+            "pubKey": public_pem(),
+            "address": f"127.0.0.1:{20000 + n}",
+        },
     )
     assert result.status_code == 201, result.text
     return result.json

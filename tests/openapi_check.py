@@ -16,9 +16,7 @@ from jsonschema import Draft202012Validator
 from broker_api.openapi import build_document
 
 _DOC = build_document()
-_ROUTES = [
-    (re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", path) + "$"), path) for path in _DOC["paths"]
-]
+_ROUTES = [(re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", path) + "$"), path) for path in _DOC["paths"]]
 checked: set[tuple[str, str, int]] = set()
 
 

@@ -47,7 +47,10 @@ def test_wrong_password_and_unknown_email_look_the_same(client):
 def test_failed_logins_are_throttled_with_429(client, settings):
     signup(client, "eve@example.org", password="the right one")
     for _ in range(settings.login_max_failures):
-        assert client.post("/v1/tokens", json={"email": "eve@example.org", "password": "guess123"}).status_code == 401
+        assert (
+            client.post("/v1/tokens", json={"email": "eve@example.org", "password": "guess123"}).status_code
+            == 401
+        )
     r = client.post("/v1/tokens", json={"email": "eve@example.org", "password": "the right one"})
     assert r.status_code == 429
     assert int(r.headers["Retry-After"]) > 0
@@ -72,7 +75,11 @@ def test_password_is_stored_with_scrypt_and_salt(client):
 def test_patch_updates_address_and_key(client):
     user = signup(client)
     new_key = public_pem()
-    r = client.patch("/v1/users/me", json={"address": "peer.example.org:7000", "pubKey": new_key}, headers=auth(user["token"]))
+    r = client.patch(
+        "/v1/users/me",
+        json={"address": "peer.example.org:7000", "pubKey": new_key},
+        headers=auth(user["token"]),
+    )
     assert r.status_code == 200
     assert r.json["address"] == "peer.example.org:7000"
     assert r.json["pubKey"] == new_key
@@ -91,8 +98,14 @@ def test_password_change_revokes_older_tokens(client):
     new = r.json["token"]
     assert client.get("/v1/users/me", headers=auth(old)).status_code == 401
     assert client.get("/v1/users/me", headers=auth(new)).status_code == 200
-    assert client.post("/v1/tokens", json={"email": "h@example.org", "password": "first password"}).status_code == 401
-    assert client.post("/v1/tokens", json={"email": "h@example.org", "password": "second password"}).status_code == 201
+    assert (
+        client.post("/v1/tokens", json={"email": "h@example.org", "password": "first password"}).status_code
+        == 401
+    )
+    assert (
+        client.post("/v1/tokens", json={"email": "h@example.org", "password": "second password"}).status_code
+        == 201
+    )
 
 
 def test_password_change_needs_current_password(client):
