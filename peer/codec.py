@@ -44,11 +44,16 @@ def dumps_code(fn: Callable[..., Any]) -> bytes:
     ``recurse=True`` makes dill pickle only the globals the function refers to
     instead of the whole ``__main__`` namespace. Functions defined in importable
     modules other than ``__main__`` are pickled by reference, as pickle does, so the
-    peer must be able to import that module.
+    peer must be able to import that module. dill 0.4.1 recurses forever on a closure
+    that refers to itself (a local recursive function) with ``recurse=True``; those
+    are pickled without it, which also captures the closure's globals.
     """
     if not callable(fn):
         raise TypeError(f"expected a callable, got {type(fn).__name__}")
-    return dill.dumps(fn, protocol=5, recurse=True)
+    try:
+        return dill.dumps(fn, protocol=5, recurse=True)
+    except RecursionError:
+        return dill.dumps(fn, protocol=5, recurse=False)
 
 
 def code_id(code: Buffer) -> str:

@@ -1,0 +1,657 @@
+"""Run tasks in pre-started, sandboxed child processes, never in the daemon.
+
+A `Slot` owns one child process at a time. The child is forked once, confines itself
+(new session, parent-death signal, no network, rlimits, an unprivileged per-slot uid,
+no new privileges, no inherited fds, a scratch directory) and then serves tasks over a
+socketpair using the frames of `peer.wire`. Forking once and reusing the child keeps
+a trivial task at a fraction of a millisecond, against several milliseconds for a
+fork per task.
+
+When a task hangs, crashes the interpreter or leaves the child in a doubtful state
+(MemoryError, processes forked), the parent kills the child's process group and every
+process of the slot's uid, reports a `TaskError` naming the cause, and forks a fresh
+child, so the slot keeps serving. The parent never unpickles anything: it forwards the
+requester's buffers in and the child's result buffers out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import gc
+import importlib
+import os
+import resource
+import select
+import shutil
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peer import codec, wire
+from peer.errors import ConnectionClosed, ProtocolError, SandboxError, TaskError
+from peer.wire import Buffer, Kind
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_CHILD_SUBREAPER = 36
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+DEFAULT_BASE_UID = 61000
+# The interpreter may live under a 0700 directory (/root): once the child drops to
+# its own uid it can import nothing new, so what tasks commonly need is imported
+# before that. dill brings the modules pickled functions refer to by reference.
+PRELOAD = (
+    "abc array base64 binascii bisect bz2 cmath collections collections.abc contextlib "
+    "copy csv ctypes dataclasses datetime decimal dill encodings.idna encodings.latin_1 "
+    "enum fractions functools gzip hashlib heapq hmac inspect io itertools json lzma "
+    "math numbers numpy operator os pathlib pickle random re secrets socket statistics "
+    "string struct tempfile textwrap time traceback typing unicodedata uuid warnings zlib"
+).split()
+
+_META = struct.Struct("!d?")  # child CPU seconds so far, child needs recycling
+_ERROR_LIMIT = 1024 * 1024
+_CODE_CACHE = 256
+_START_TIMEOUT = 30.0
+_EXIT_GRACE = 2.0
+# Failures after which the child's interpreter may be in a bad state.
+_DIRTY_ERRORS = (MemoryError, RecursionError, SystemError)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one sandbox child.
+
+    Attributes:
+        memory: Address-space limit in bytes (RLIMIT_AS); it must leave room for the
+            forked daemon's own mappings.
+        cpu_seconds: CPU time limit (RLIMIT_CPU). It accumulates over the child's
+            life, so the slot recycles the child once half of it is used.
+        nproc: Processes and threads the slot's uid may have (RLIMIT_NPROC).
+        nofile: Open file descriptors (RLIMIT_NOFILE).
+        fsize: Largest file the task may write, in bytes (RLIMIT_FSIZE).
+        timeout: Default wall-clock limit of one task, in seconds.
+        max_tasks: Tasks after which the child is replaced by a fresh one.
+    """
+
+    memory: int = 2 * 1024**3
+    cpu_seconds: int = 300
+    nproc: int = 64
+    nofile: int = 256
+    fsize: int = 1024**3
+    timeout: float = 300.0
+    max_tasks: int = 10_000
+
+    def __post_init__(self) -> None:
+        for name in ("memory", "cpu_seconds", "nproc", "nofile", "fsize", "timeout", "max_tasks"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Limits.{name} must be positive")
+
+
+@dataclass
+class _Child:
+    """The parent's view of one running child process."""
+
+    pid: int
+    sock: socket.socket
+    pidfd: int | None
+    poller: select.poll
+    codes: set[str] = field(default_factory=set)
+    tasks: int = 0
+
+    def ended(self) -> tuple[int, int] | None:
+        """Return ``(si_code, si_status)`` if the process has ended, else None.
+
+        Peeks without reaping: until it is reaped the pid (and process group id)
+        cannot be reused, so killing the group afterwards cannot hit a stranger.
+        """
+        try:
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # someone else reaped it; how it ended is lost
+            return (os.CLD_EXITED, 0)
+        return None if info is None else (info.si_code, info.si_status)
+
+    def reap(self) -> None:
+        """Wait for the (killed) process to end and release its pid."""
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def preload_modules(names: Sequence[str]) -> None:
+    """Import ``names``, skipping missing ones, so tasks can use them after privileges drop.
+
+    The daemon calls this once before forking so each new child starts with the
+    modules already in memory (the import then costs nothing in the child).
+    """
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+class Slot:
+    """One job slot: a sandboxed child process that runs tasks one at a time.
+
+    Drive a slot from one long-lived thread: the child's parent-death signal fires
+    when the forking thread exits. Not thread-safe.
+
+    Args:
+        limits: Resource limits for the child.
+        index: Slot number; picks the child's uid (``base_uid + index``) and scratch
+            directory, so slots never share RLIMIT_NPROC accounting or files.
+        scratch_root: Directory under which ``slot-<index>`` is the child's working
+            directory, wiped whenever a fresh child starts.
+        base_uid: First uid used for sandboxes when running as root.
+        preload: Modules imported before privileges are dropped.
+        max_frame: Largest result frame accepted from the child.
+    """
+
+    def __init__(
+        self,
+        limits: Limits,
+        index: int,
+        scratch_root: Path,
+        *,
+        base_uid: int = DEFAULT_BASE_UID,
+        preload: Sequence[str] = PRELOAD,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.limits = limits
+        self.index = index
+        self.scratch = Path(scratch_root) / f"slot-{index}"
+        self.uid: int | None = base_uid + index if os.geteuid() == 0 else None
+        self.network_isolated = False
+        self.max_frame = max_frame
+        self._preload = tuple(preload)
+        self._codes: OrderedDict[str, bytes] = OrderedDict()
+        self._child: _Child | None = None
+        preload_modules(self._preload)
+        if self.uid is not None:
+            # Orphans of a task (fork bombs) are re-parented to us instead of PID 1,
+            # so we can reap them: unreaped zombies still count against RLIMIT_NPROC.
+            _prctl(ctypes.CDLL(None, use_errno=True), PR_SET_CHILD_SUBREAPER, 1)
+        self._child = self._spawn()
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the current child, or None between children."""
+        return self._child.pid if self._child else None
+
+    def run(
+        self,
+        code_id: str,
+        code: bytes | None,
+        data: Sequence[Buffer],
+        *,
+        timeout: float | None = None,
+    ) -> list[memoryview]:
+        """Run one task in the child and return its result buffers.
+
+        Args:
+            code_id: Cache key of the function (see `codec.code_id`).
+            code: The dill-pickled function, or None when this slot was given it
+                before. The slot keeps it, so a fresh child is sent it again.
+            data: `codec.dumps_data((args, kwargs))` buffers, forwarded unread.
+            timeout: Wall-clock limit in seconds; defaults to ``limits.timeout``.
+
+        Returns:
+            `codec.dumps_data(result)` buffers, slicing the received frame.
+
+        Raises:
+            TaskError: the task raised, timed out or killed its sandbox. The slot
+                has already replaced the child when needed.
+            SandboxError: no code for ``code_id``, or a fresh child failed to start.
+        """
+        if code is not None:
+            self._codes[code_id] = code
+            self._codes.move_to_end(code_id)
+            while len(self._codes) > _CODE_CACHE:
+                self._codes.popitem(last=False)
+        elif code_id not in self._codes:
+            raise SandboxError(f"no code was given for id {code_id!r}")
+        limit = self.limits.timeout if timeout is None else timeout
+        child = self._live_child()
+        if code_id not in child.codes and len(child.codes) >= _CODE_CACHE:
+            # The child keeps every function it loads; bound that by replacing it.
+            self._replace(child)
+            child = self._live_child()
+        deadline = time.monotonic() + limit
+        try:
+            child.sock.settimeout(limit)
+            if code_id not in child.codes:
+                parts = wire.pack_buffers([code_id.encode(), self._codes[code_id]])
+                wire.write_frame(child.sock, Kind.FUNC, parts)
+                child.codes.add(code_id)
+            wire.write_frame(child.sock, Kind.TASK, wire.pack_buffers([code_id.encode(), *data]))
+            kind, payload = self._await_frame(child, deadline)
+        except TimeoutError:
+            self._replace(child)
+            raise TaskError("TimeoutError", f"task exceeded {limit:g} s timeout") from None
+        except (ProtocolError, OSError) as exc:
+            raise TaskError("SandboxDied", self._replace(child, exc)) from None
+        child.tasks += 1
+        return self._outcome(child, kind, payload)
+
+    def close(self) -> None:
+        """Kill the child and everything it started; the slot cannot be used after."""
+        if self._child is not None:
+            child, self._child = self._child, None
+            _stop(child, self.uid)
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _outcome(self, child: _Child, kind: Kind, payload: memoryview) -> list[memoryview]:
+        """Turn the child's reply into result buffers or a TaskError, recycling if due."""
+        try:
+            if kind is Kind.RESULT:
+                meta, *result = wire.unpack_buffers(payload)
+                cpu, dirty = _META.unpack(meta)
+                self._recycle_if_due(child, cpu, dirty)
+                return result
+            if kind is Kind.ERROR:
+                info = wire.decode_json(payload, limit=_ERROR_LIMIT)
+                cpu, dirty = float(info.get("cpu", 0.0)), bool(info.get("dirty", True))
+                self._recycle_if_due(child, cpu, dirty)
+                raise TaskError.from_dict(info)
+            raise ProtocolError(f"sandbox sent an unexpected {kind.name} frame")
+        except (ProtocolError, struct.error, ValueError) as exc:
+            raise TaskError("SandboxDied", self._replace(child, exc)) from None
+
+    def _recycle_if_due(self, child: _Child, cpu: float, dirty: bool) -> None:
+        """Replace the child when it is doubtful, old, or near its CPU limit.
+
+        RLIMIT_CPU counts from the child's start, so a long-lived child would leave
+        later tasks with less and less CPU; half the limit is the recycling point.
+        """
+        worn = child.tasks >= self.limits.max_tasks or cpu >= self.limits.cpu_seconds / 2
+        if dirty or worn:
+            self._replace(child)
+
+    def _live_child(self) -> _Child:
+        """Return a running child, starting one if the last one is gone."""
+        child = self._child
+        if child is not None and child.ended() is not None:
+            # It died between tasks (e.g. killed from outside); start afresh.
+            self._child = None
+            _stop(child, self.uid)
+            child = None
+        if child is None:
+            child = self._child = self._spawn()
+        return child
+
+    def _replace(self, child: _Child, exc: BaseException | None = None) -> str:
+        """Stop ``child`` and start a fresh one; return why the old one went away.
+
+        After a broken connection the child has usually died on its own, so we wait a
+        moment for its exit status; after garbage from a live child we barely wait.
+        """
+        broken = isinstance(exc, (ConnectionClosed, OSError)) and not isinstance(exc, TimeoutError)
+        grace = _EXIT_GRACE if broken else 0.2 if exc is not None else 0.0
+        self._child = None
+        cause = _stop(child, self.uid, grace=grace)
+        if exc is not None and not broken:
+            cause = f"{exc}; {cause}"
+        try:
+            self._child = self._spawn()
+        except SandboxError:
+            pass  # The next run() retries and reports the failure.
+        return cause
+
+    def _await_frame(self, child: _Child, deadline: float) -> tuple[Kind, memoryview]:
+        """Wait for the child's reply, noticing its death even if a grandchild holds the socket."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        events = child.poller.poll(remaining * 1000)
+        if not events:
+            raise TimeoutError
+        if all(fd != child.sock.fileno() for fd, _ in events):
+            raise ConnectionClosed("sandbox exited")
+        child.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        return wire.read_frame(child.sock, self.max_frame)
+
+    def _spawn(self) -> _Child:
+        """Fork a child, let it confine itself, and wait for its ready message."""
+        try:
+            if self.scratch.exists():
+                shutil.rmtree(self.scratch)
+            self.scratch.mkdir(mode=0o700, parents=True)
+            if self.uid is not None:
+                os.chown(self.scratch, self.uid, self.uid)
+        except OSError as exc:
+            raise SandboxError(f"cannot prepare scratch directory {self.scratch}: {exc}") from exc
+        ours, theirs = socket.socketpair()
+        parent_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child, reported over the socket
+            status = 70
+            try:
+                ours.close()
+                _child_main(theirs, parent_pid, self)
+                status = 0
+            finally:
+                os._exit(status)
+        theirs.close()
+        try:
+            pidfd: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            pidfd = None
+        poller = select.poll()
+        for fd in (ours.fileno(), pidfd):
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+        child = _Child(pid, ours, pidfd, poller)
+        try:
+            kind, payload = self._await_frame(child, time.monotonic() + _START_TIMEOUT)
+            info = wire.decode_json(payload)
+        except (ProtocolError, OSError) as exc:
+            grace = 0.0 if isinstance(exc, TimeoutError) else _EXIT_GRACE
+            cause = _stop(child, self.uid, grace=grace)
+            raise SandboxError(f"sandbox child failed to start: {exc!r}; {cause}") from exc
+        if kind is not Kind.HELLO_OK:
+            _stop(child, self.uid, grace=_EXIT_GRACE)
+            raise SandboxError(str(info.get("reason", f"sandbox sent {kind.name} at start")))
+        self.network_isolated = bool(info.get("network_isolated"))
+        return child
+
+
+def _stop(child: _Child, uid: int | None, *, grace: float = 0.0) -> str:
+    """Kill the child, its process group and (as root) every process of ``uid``.
+
+    Fork-bomb children escape ``waitpid`` and may leave the group, but not the uid.
+    When the child is believed to be exiting on its own, ``grace`` gives it a moment
+    to finish dying so its real exit status, not our SIGKILL, is reported.
+    """
+    if grace > 0:
+        _wait_for_exit(child, grace)
+    ended = child.ended()
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if uid is not None:
+        _kill_uid(uid)
+    child.reap()
+    if uid is not None:
+        _reap_uid(uid)
+    child.sock.close()
+    if child.pidfd is not None:
+        os.close(child.pidfd)
+    return "sandbox was killed" if ended is None else _describe(*ended)
+
+
+def _wait_for_exit(child: _Child, grace: float) -> None:
+    """Block up to ``grace`` seconds until the child process has exited."""
+    if child.pidfd is not None:
+        select.select([child.pidfd], [], [], grace)
+        return
+    end = time.monotonic() + grace
+    while time.monotonic() < end and child.ended() is None:
+        time.sleep(0.005)
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process owned by ``uid``, from a helper that takes on that uid.
+
+    ``kill(-1)`` from a process of that uid reaches exactly the processes it may
+    signal: those of the same uid, wherever they moved in the process tree.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - helper process
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _reap_uid(uid: int, within: float = 2.0) -> None:
+    """Reap the killed processes of ``uid`` that were re-parented to us.
+
+    A killed process keeps counting against the uid's RLIMIT_NPROC until it is
+    reaped, so the next child could not fork if we left them to PID 1 (which may
+    be slow, or may be us). Processes that are still someone else's child are
+    waited for until their parent dies and they come to us.
+    """
+    me = os.getpid()
+    deadline = time.monotonic() + within
+    while True:
+        found = _processes_of(uid)
+        for pid, ppid in found:
+            if ppid == me:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+        if not found or time.monotonic() > deadline:
+            return
+        if all(ppid != me for _, ppid in found):
+            time.sleep(0.005)
+
+
+def _processes_of(uid: int) -> list[tuple[int, int]]:
+    """List ``(pid, parent pid)`` of every process, zombies included, of real uid ``uid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status", "rb") as status:
+                text = status.read()
+        except OSError:
+            continue
+        ppid = uid_line = None
+        for line in text.splitlines():
+            if line.startswith(b"PPid:"):
+                ppid = int(line.split()[1])
+            elif line.startswith(b"Uid:"):
+                uid_line = int(line.split()[1])
+                break
+        if uid_line == uid and ppid is not None:
+            found.append((int(entry), ppid))
+    return found
+
+
+def _describe(code: int, value: int) -> str:
+    """Say in words how a child process ended, from ``waitid``'s code and status."""
+    if code == os.CLD_EXITED:
+        return f"sandbox exited with status {value}"
+    if value == signal.SIGXCPU:
+        return "sandbox exceeded its CPU time limit (SIGXCPU)"
+    try:
+        name = signal.Signals(value).name
+    except ValueError:
+        name = f"signal {value}"
+    return f"sandbox died with {name}"
+
+
+# --- The child side -----------------------------------------------------------------
+
+
+def _child_main(sock: socket.socket, parent_pid: int, slot: Slot) -> None:
+    """Confine this freshly forked process, report readiness, then serve tasks."""
+    try:
+        isolated = _confine(sock, parent_pid, slot)
+    except BaseException as exc:
+        reason = f"sandbox setup failed: {type(exc).__name__}: {exc}"
+        wire.write_frame(sock, Kind.REFUSE, [wire.encode_json({"reason": reason})])
+        return
+    ready = {"pid": os.getpid(), "uid": os.getuid(), "network_isolated": isolated}
+    wire.write_frame(sock, Kind.HELLO_OK, [wire.encode_json(ready)])
+    _serve(sock)
+
+
+def _confine(sock: socket.socket, parent_pid: int, slot: Slot) -> bool:
+    """Apply the sandbox, in the order that works (see NOTES); return if network is cut."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.setsid()  # own process group: one killpg reaches everything the task starts
+    _prctl(libc, PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        raise SandboxError("parent exited during sandbox start")
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    faulthandler.disable()  # its file may be an fd we are about to close
+    preload_modules(slot._preload)
+    isolated = _unshare_network(libc)
+    limits = slot.limits
+    mapped = _address_space()
+    if limits.memory <= mapped:
+        raise SandboxError(
+            f"Limits.memory of {limits.memory} bytes is below the {mapped} bytes "
+            "the forked daemon already maps; raise it"
+        )
+    fd_ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    for which, value, hard in (
+        (resource.RLIMIT_AS, limits.memory, limits.memory),
+        (resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1),
+        (resource.RLIMIT_NOFILE, limits.nofile, limits.nofile),
+        (resource.RLIMIT_FSIZE, limits.fsize, limits.fsize),
+        (resource.RLIMIT_NPROC, limits.nproc, limits.nproc),
+        (resource.RLIMIT_CORE, 0, 0),
+    ):
+        resource.setrlimit(which, (value, hard))
+    # chdir while still root: the scratch root may not be traversable by the slot uid.
+    os.chdir(slot.scratch)
+    if slot.uid is not None:
+        os.setgroups([])
+        os.setgid(slot.uid)
+        os.setuid(slot.uid)
+    _prctl(libc, PR_SET_NO_NEW_PRIVS, 1)
+    keep = sock.fileno()
+    _redirect_stdio(keep)
+    os.closerange(3, keep)
+    os.closerange(keep + 1, max(fd_ceiling, keep + 2))
+    gc.freeze()  # inherited objects stay out of collections and copy-on-write faults
+    return isolated
+
+
+def _address_space() -> int:
+    """Bytes of address space this process maps now (what RLIMIT_AS counts)."""
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[0]) * resource.getpagesize()
+
+
+def _prctl(libc: ctypes.CDLL, option: int, value: int) -> None:
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+
+
+def _unshare_network(libc: ctypes.CDLL) -> bool:
+    """Move into an empty network namespace; False when the OS does not allow it.
+
+    Root can do it directly; others need a user namespace too. Filesystem unix
+    sockets still work inside a network namespace.
+    """
+    if os.geteuid() == 0 and libc.unshare(CLONE_NEWNET) == 0:
+        return True
+    return libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0
+
+
+def _redirect_stdio(keep: int) -> None:
+    """Point fds 0-2 and sys.std* at /dev/null: task output must not reach the daemon's.
+
+    ``keep`` is spared in case the daemon started with stdio closed and the socket
+    landed on one of those numbers.
+    """
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        if fd != keep:
+            os.dup2(null, fd)
+    os.close(null)
+    sys.stdin = open(os.devnull)  # kept open for the life of the process
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
+class _Unloadable:
+    """Stands in for a function whose code failed to load, to report that per task."""
+
+    def __init__(self, error: dict[str, str]) -> None:
+        self.error = error
+
+
+class _Forks:
+    """Notes whether the running task forked, so its leftover processes get killed."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def note(self) -> None:
+        self.seen = True
+
+
+def _serve(sock: socket.socket) -> None:
+    """Answer FUNC and TASK frames until the parent closes the socket or says BYE.
+
+    Functions stay cached for the child's life; the parent bounds how many it sends.
+    """
+    forks = _Forks()
+    # A task's children must not keep our socket open (the parent waits for EOF),
+    # and forking marks this child for recycling so leftovers get killed.
+    os.register_at_fork(after_in_parent=forks.note, after_in_child=sock.close)
+    functions: dict[str, Callable[..., Any] | _Unloadable] = {}
+    while True:
+        try:
+            kind, payload = wire.read_frame(sock)
+        except ConnectionClosed:
+            return
+        if kind is Kind.BYE:
+            return
+        parts = wire.unpack_buffers(payload)
+        name = bytes(parts[0]).decode()
+        if kind is Kind.FUNC:
+            try:
+                functions[name] = codec.loads_code(parts[1])
+            except BaseException as exc:
+                functions[name] = _Unloadable(codec.format_exception(exc))
+        elif kind is Kind.TASK:
+            _run_task(sock, functions.get(name), parts[1:], forks)
+            forks.seen = False
+        del payload, parts
+
+
+def _run_task(
+    sock: socket.socket,
+    fn: Callable[..., Any] | _Unloadable | None,
+    data: list[memoryview],
+    forks: _Forks,
+) -> None:
+    """Run one task and answer RESULT or ERROR, which says whether to recycle us."""
+    dirty = False
+    try:
+        if fn is None:
+            raise LookupError("no function was sent for this task")
+        if isinstance(fn, _Unloadable):
+            error = fn.error
+        else:
+            args, kwargs = codec.loads_data(data, trusted=True)
+            out = codec.dumps_data(fn(*args, **kwargs))
+            meta = _META.pack(time.process_time(), forks.seen)
+            wire.write_frame(sock, Kind.RESULT, wire.pack_buffers([meta, *out]))
+            return
+    except BaseException as exc:
+        # Anything beyond an ordinary exception may have left this interpreter unwell.
+        dirty = isinstance(exc, _DIRTY_ERRORS) or not isinstance(exc, Exception)
+        try:
+            error = codec.format_exception(exc)
+        except BaseException:
+            error = {"type": type(exc).__name__, "message": "", "traceback": ""}
+    reply = {**error, "dirty": dirty or forks.seen, "cpu": time.process_time()}
+    wire.write_frame(sock, Kind.ERROR, [wire.encode_json(reply)])

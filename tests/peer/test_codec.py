@@ -1,0 +1,310 @@
+"""Codec tests: code by value, zero-copy data, and the data-only result decoder."""
+
+from __future__ import annotations
+
+import collections
+import copyreg
+import datetime
+import decimal
+import fractions
+import math
+import os
+import pickle
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from peer import codec, wire
+from peer.errors import ProtocolError, UnsafeResultError
+
+SCALE = 3
+
+
+def module_function(x: float) -> float:
+    return math.sqrt(x) * SCALE
+
+
+def through_code(fn: Any) -> Any:
+    return codec.loads_code(codec.dumps_code(fn))
+
+
+def through_data(obj: Any, *, trusted: bool = False) -> Any:
+    """Encode, flatten into one received buffer as the wire does, and decode."""
+    payload = bytearray(b"".join(bytes(p) for p in wire.pack_buffers(codec.dumps_data(obj))))
+    return codec.loads_data(wire.unpack_buffers(payload), trusted=trusted)
+
+
+def test_lambda_round_trips() -> None:
+    assert through_code(lambda x, y=2: x**y)(3) == 9
+
+
+def test_closure_round_trips() -> None:
+    offset = 10
+
+    def make(k: int) -> Any:
+        return lambda x: x * k + offset
+
+    assert through_code(make(4))(2) == 18
+
+
+def test_recursive_local_function_round_trips() -> None:
+    def fib(n: int) -> int:
+        return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+    assert through_code(fib)(15) == 610
+
+
+def test_module_function_with_globals_round_trips() -> None:
+    assert through_code(module_function)(16) == 12
+
+
+def test_dumps_code_refuses_non_callables() -> None:
+    with pytest.raises(TypeError):
+        codec.dumps_code(42)  # type: ignore[arg-type]
+
+
+def test_code_id_is_stable_and_content_based() -> None:
+    code = codec.dumps_code(lambda: 1)
+    assert codec.code_id(code) == codec.code_id(bytes(code))
+    assert codec.code_id(code) != codec.code_id(code + b"x")
+
+
+PLAIN_DATA = [
+    None,
+    True,
+    -(2**100),
+    1.5,
+    math.inf,
+    2 - 3j,
+    "text é",
+    b"\x00bytes",
+    bytearray(b"ba"),
+    [1, [2, (3,)]],
+    {"a": {1, 2}, "b": frozenset({3})},
+    range(1, 10, 2),
+    slice(1, None, 2),
+    type(None),
+    collections.OrderedDict(b=1, a=2),
+    collections.deque([1, 2], maxlen=5),
+    collections.Counter("abca"),
+    datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone(datetime.timedelta(hours=2))),
+    datetime.date(2024, 5, 1),
+    datetime.time(1, 2, 3),
+    datetime.timedelta(days=1, seconds=3),
+    decimal.Decimal("1.10"),
+    fractions.Fraction(1, 3),
+    uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    np.float64(2.5),
+    np.int8(-3),
+    np.dtype("complex64"),
+    np.dtype([("x", "<f4"), ("y", "<i8", (2,))]),
+]
+
+
+@pytest.mark.parametrize("value", PLAIN_DATA, ids=lambda v: type(v).__name__)
+def test_plain_data_round_trips_through_the_untrusted_decoder(value: Any) -> None:
+    got = through_data(value)
+    assert got == value
+    assert type(got) is type(value)
+
+
+def test_defaultdict_keeps_its_factory() -> None:
+    got = through_data(collections.defaultdict(list, {"a": [1]}))
+    assert got == {"a": [1]}
+    assert got["new"] == []
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float64).reshape(3, 4),
+        np.asfortranarray(np.arange(12, dtype=np.int32).reshape(3, 4)),
+        np.arange(20)[::3],  # not contiguous: travels in band
+        np.zeros((0, 3)),
+        np.array([(1.0, 2)], dtype=[("a", "<f8"), ("b", "<i2")]),
+        np.array(["ab", "c"]),
+        np.array([np.datetime64("2024-01-01")]),
+        np.ma.masked_array([1, 2]).data,
+    ],
+    ids=lambda a: f"{a.dtype}-{a.shape}",
+)
+def test_numpy_arrays_round_trip(array: np.ndarray) -> None:
+    got = through_data(array)
+    assert got.dtype == array.dtype
+    np.testing.assert_array_equal(got, array)
+
+
+def test_numpy_buffers_are_out_of_band_and_zero_copy_on_both_sides() -> None:
+    array = np.arange(1 << 16, dtype=np.float64)
+    flag, stream, *oob = codec.dumps_data(array)
+    assert flag == codec.PICKLE
+    assert len(stream) < 200  # the data is not in the pickle stream
+    assert len(oob) == 1
+    assert np.shares_memory(np.frombuffer(oob[0], dtype=np.float64), array)  # sender: no copy
+
+    a, b = socket.socketpair()
+    with a, b:
+        b.settimeout(5)
+        parts = wire.pack_buffers([flag, stream, *oob])
+        import threading
+
+        writer = threading.Thread(target=wire.write_frame, args=(a, wire.Kind.RESULT, parts))
+        writer.start()
+        _, payload = wire.read_frame(b)
+        writer.join()
+    got = codec.loads_data(wire.unpack_buffers(payload), trusted=False)
+    np.testing.assert_array_equal(got, array)
+    assert np.shares_memory(got, np.frombuffer(payload, dtype=np.uint8))  # receiver: no copy
+
+
+def test_objects_the_c_pickler_refuses_fall_back_to_dill() -> None:
+    value = {"f": lambda x: x + 1}
+    buffers = codec.dumps_data(value)
+    assert buffers[0] == codec.DILL
+    assert through_data(value, trusted=True)["f"](1) == 2
+    with pytest.raises(UnsafeResultError, match="dill"):
+        through_data(value)
+
+
+def test_main_references_fall_back_to_dill(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Point:
+        pass
+
+    Point.__module__ = "__main__"
+    Point.__qualname__ = "Point"
+    monkeypatch.setattr("__main__.Point", Point, raising=False)
+    assert codec.dumps_data(Point())[0] == codec.DILL
+
+
+def test_unpicklable_values_raise() -> None:
+    with pytest.raises((TypeError, pickle.PicklingError)):
+        codec.dumps_data(x for x in range(3))
+
+
+# --- hostile results --------------------------------------------------------------
+
+
+class Reducer:
+    """Pickles as ``func(*args)``: what a malicious peer would put in a result."""
+
+    def __init__(self, func: Any, *args: Any) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return self.func, self.args
+
+
+def hostile_payloads(target: Path) -> dict[str, Any]:
+    touch = f"open({str(target)!r}, 'w').close()"
+    return {
+        "os.system": Reducer(os.system, f"touch {target}"),
+        "subprocess.Popen": Reducer(subprocess.Popen, ["touch", str(target)]),
+        "subprocess.check_call": Reducer(subprocess.check_call, ["touch", str(target)]),
+        "builtins.eval": Reducer(eval, touch),
+        "builtins.exec": Reducer(exec, touch),
+        "builtins.open": Reducer(open, str(target), "w"),
+        "nested in a list": [1, {"k": Reducer(eval, touch)}],
+        "numpy object array": np.array([1, Reducer(os.system, f"touch {target}")], dtype=object),
+        "builtins.getattr": Reducer(getattr, "text", "upper"),
+        "class creation via type": Reducer(type, "X", (object,), {}),
+    }
+
+
+@pytest.mark.parametrize("name", list(hostile_payloads(Path("/x"))))
+def test_untrusted_decoder_refuses_code(tmp_path: Path, name: str) -> None:
+    target = tmp_path / "pwned"
+    buffers = codec.dumps_data(hostile_payloads(target)[name])
+    assert buffers[0] == codec.PICKLE
+    with pytest.raises(UnsafeResultError, match="refusing"):
+        codec.loads_data(buffers, trusted=False)
+    assert not target.exists()
+
+
+def test_refusal_names_the_global(tmp_path: Path) -> None:
+    buffers = codec.dumps_data(Reducer(os.system, "true"))
+    with pytest.raises(UnsafeResultError, match=r"posix\.system"):
+        codec.loads_data(buffers, trusted=False)
+
+
+def test_hostile_payload_really_runs_when_trusted(tmp_path: Path) -> None:
+    """Control: the payloads above are effective, so the refusals are meaningful."""
+    target = tmp_path / "pwned"
+    codec.loads_data(codec.dumps_data(hostile_payloads(target)["builtins.eval"]), trusted=True)
+    assert target.exists()
+
+
+def test_numpy_object_array_with_code_is_refused(tmp_path: Path) -> None:
+    array = np.array([lambda: open(tmp_path / "pwned", "w")], dtype=object)
+    with pytest.raises(UnsafeResultError):
+        through_data(array)
+
+
+Point = collections.namedtuple("Point", "x y")
+
+
+class DictSubclass(dict):  # type: ignore[type-arg]
+    """Pickled at protocol 0 through ``copyreg._reconstructor``."""
+
+
+def test_namedtuple_is_not_allowed() -> None:
+    with pytest.raises(UnsafeResultError, match="Point"):
+        codec.loads_data([codec.PICKLE, pickle.dumps(Point(1, 2), protocol=5)], trusted=False)
+
+
+def test_copyreg_reconstructor_is_limited_to_allowed_types() -> None:
+    allowed = Reducer(copyreg._reconstructor, collections.OrderedDict, dict, {"a": 1})
+    got = codec.loads_data(codec.dumps_data(allowed), trusted=False)
+    assert got == {"a": 1}
+    assert type(got) is collections.OrderedDict
+    refused = Reducer(copyreg._reconstructor, DictSubclass, dict, {"a": 1})
+    with pytest.raises(UnsafeResultError, match="DictSubclass"):
+        codec.loads_data(codec.dumps_data(refused), trusted=False)
+
+
+def test_protocol_0_names_are_refused() -> None:
+    """Our encoder writes protocol 5 only; Python 2 era names have no business here."""
+    stream = pickle.dumps(DictSubclass(a=1), protocol=0)
+    with pytest.raises(UnsafeResultError, match="copy_reg"):
+        codec.loads_data([codec.PICKLE, stream], trusted=False)
+
+
+@pytest.mark.parametrize(
+    "buffers",
+    [[], [codec.PICKLE], [b"\x07", b"x"], [codec.PICKLE, b"not a pickle"], [codec.PICKLE, b"\x80\x05"]],
+)
+def test_malformed_encodings_raise_protocol_error(buffers: list[bytes]) -> None:
+    with pytest.raises(ProtocolError):
+        codec.loads_data(buffers, trusted=False)
+
+
+@given(st.binary(max_size=300))
+def test_untrusted_decoder_on_random_bytes_fails_cleanly(stream: bytes) -> None:
+    try:
+        codec.loads_data([codec.PICKLE, b"\x80\x05" + stream], trusted=False)
+    except (ProtocolError, UnsafeResultError):
+        pass
+
+
+def test_format_exception_is_plain_text() -> None:
+    try:
+        {}["missing"]
+    except KeyError as exc:
+        info = codec.format_exception(exc)
+    assert info["type"] == "KeyError"
+    assert info["message"] == "'missing'"
+    assert "test_format_exception_is_plain_text" in info["traceback"]
+    assert all(isinstance(v, str) for v in info.values())
+
+
+def test_format_exception_names_non_builtin_types_and_clips() -> None:
+    info = codec.format_exception(UnsafeResultError("x" * 100_000))
+    assert info["type"] == "peer.errors.UnsafeResultError"
+    assert len(info["message"]) < 10_000
+    assert len(wire.encode_json(info)) < wire.JSON_LIMIT
