@@ -40,15 +40,16 @@ def procfile() -> dict[str, str]:
 
 
 class Process:
-    """One Procfile process, run by a shell as honcho would, in its own process group
-    so that stopping it stops its children (gunicorn workers, rq's scheduler) too."""
+    """One Procfile process (or, with ``argv``, any command), run as honcho would, in
+    its own process group so that stopping it stops its children (gunicorn workers,
+    rq's scheduler, a peer's sandboxes) too."""
 
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path, argv: list[str] | None = None) -> None:
         self.name = name
         self.log = log_dir / f"{name}-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                ["bash", "-c", f"exec {procfile()[name]}"],
+                argv or ["bash", "-c", f"exec {procfile()[name]}"],
                 cwd=ROOT,
                 env=env,
                 stdout=out,

@@ -1,0 +1,123 @@
+"""The broker's HTTP API as the peer daemon and the requester library use it.
+
+One small client over ``requests`` (connection reuse, timeouts on every call). Errors
+come back as `BrokerError` carrying the status and the broker's description, and an
+unreachable broker as `BrokerUnreachable` with the URL, so the CLI can print one line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+
+from peer.errors import PeerError
+
+
+class BrokerError(PeerError):
+    """The broker answered with an error status."""
+
+    def __init__(self, status: int, title: str, description: str = "") -> None:
+        self.status, self.title, self.description = status, title, description
+        super().__init__(f"broker said {status} {title}" + (f": {description}" if description else ""))
+
+
+class BrokerUnreachable(PeerError):
+    """No answer from the broker at all."""
+
+
+class BrokerClient:
+    """Calls to one broker, with an optional bearer token.
+
+    Args:
+        url: The broker's base URL, e.g. ``http://127.0.0.1:8000``.
+        token: A token from `login` or `signup`; set later with ``client.token = ...``.
+        timeout: Seconds to wait for an answer (long-polls add their wait to it).
+    """
+
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 15.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self._http = requests.Session()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, *, wait: float = 0.0, **kwargs: Any) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            r = self._http.request(
+                method, self.url + path, headers=headers, timeout=self.timeout + wait, **kwargs
+            )
+        except requests.ConnectionError as exc:
+            raise BrokerUnreachable(f"cannot reach the broker at {self.url}: {_reason(exc)}") from None
+        except requests.Timeout:
+            raise BrokerUnreachable(f"the broker at {self.url} did not answer in time") from None
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = {}
+            raise BrokerError(r.status_code, body.get("title", r.reason), body.get("description", ""))
+        return r.json() if r.content else None
+
+    # -- accounts ---------------------------------------------------------------
+    def signup(self, email: str, password: str, pub_key: str, address: str) -> dict[str, Any]:
+        """Create an account and keep its token."""
+        body = {"email": email, "password": password, "pubKey": pub_key, "address": address}
+        user = self._call("POST", "/v1/users", json=body)
+        self.token = user["token"]
+        return user
+
+    def login(self, email: str, password: str) -> str:
+        """Get (and keep) a fresh token."""
+        self.token = self._call("POST", "/v1/tokens", json={"email": email, "password": password})["token"]
+        return self.token
+
+    def me(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/users/me")
+
+    def update_me(self, **fields: str) -> dict[str, Any]:
+        """PATCH the account: ``pubKey``, ``address`` (and ``password`` with ``currentPassword``)."""
+        return self._call("PATCH", "/v1/users/me", json=fields)
+
+    def set_jobs(self, jobs: int, runtime: dict[str, str] | None = None) -> int:
+        body: dict[str, Any] = {"jobs": jobs}
+        if runtime:
+            body["runtime"] = runtime
+        return self._call("POST", "/v1/users/me/jobs", json=body)["jobs"]
+
+    def heartbeat(self) -> None:
+        self._call("POST", "/v1/users/me/heartbeat")
+
+    # -- sessions ---------------------------------------------------------------
+    def request_pool(
+        self, workers: int, *, min_workers: int | None = None, timeout: int = 30, runtime: dict[str, str]
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"workers": workers, "timeout": timeout, "runtime": runtime}
+        if min_workers is not None:
+            body["minWorkers"] = min_workers
+        return self._call("POST", "/v1/sessions", json=body)
+
+    def session(self, session_id: str, *, wait: float = 0.0) -> dict[str, Any]:
+        """Read a session; with ``wait``, long-poll until its status changes."""
+        params = {"wait": wait} if wait else None
+        return self._call("GET", f"/v1/sessions/{session_id}", wait=wait, params=params)
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/sessions")["sessions"]
+
+    def end_session(self, session_id: str) -> None:
+        self._call("DELETE", f"/v1/sessions/{session_id}")
+
+    def leave_session(self, session_id: str) -> None:
+        self._call("DELETE", f"/v1/sessions/{session_id}/workers/me")
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("Connection refused", "Name or service not known", "timed out", "No route to host"):
+        if marker in text:
+            return marker.lower()
+    return text[:200]

@@ -1,0 +1,195 @@
+"""``python -m peer``: the contributor's command line.
+
+    python -m peer init --broker URL --email you@example.org     # account + key pair
+    python -m peer serve --jobs 2 --port 7000                     # lend 2 slots
+    python -m peer status                                         # account, slots, sessions
+
+Every failure the user can fix (broker unreachable, wrong password, port in use, no
+account yet) ends in one line on stderr and exit status 1, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from peer.api import BrokerClient, BrokerError
+from peer.config import Account, default_broker, default_home
+from peer.daemon import PeerDaemon
+from peer.errors import PeerError
+from peer.identity import Identity
+from peer.runtime import local_runtime
+from peer.sandbox import Limits
+
+
+def _password(args: argparse.Namespace) -> str:
+    if args.password:
+        return args.password
+    env = os.environ.get("COMPUTE_BROKER_PASSWORD")
+    if env:
+        return env
+    if not sys.stdin.isatty():
+        raise PeerError("no password: pass --password or set COMPUTE_BROKER_PASSWORD")
+    return getpass.getpass(f"password for {args.email}: ")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create (or log in to) the account and register this machine's key."""
+    home = Path(args.home)
+    identity = Identity.load_or_create(home)
+    password = _password(args)
+    client = BrokerClient(args.broker)
+    address = args.address or "127.0.0.1:7000"
+    try:
+        client.login(args.email, password)
+        created = False
+    except BrokerError as exc:
+        if exc.status != 401:
+            raise
+        try:
+            client.signup(args.email, password, identity.public_key, address)
+            created = True
+        except BrokerError as exc2:
+            if exc2.status == 409:
+                raise PeerError(f"wrong password for {args.email}") from None
+            raise
+    fields = {"pubKey": identity.public_key}
+    if args.address:
+        fields["address"] = args.address
+    me = client.update_me(**fields)
+    client.set_jobs(0, local_runtime())
+    Account(args.broker, args.email, password, client.token or "", me["id"]).save(home)
+    verb = "created" if created else "logged in to"
+    print(f"{verb} account {args.email} ({me['id']}) at {args.broker}; key pair in {home}")
+    return 0
+
+
+def _logged_in(home: Path, broker: str | None) -> tuple[Account, BrokerClient]:
+    account = Account.load(home)
+    if broker:
+        account.broker = broker
+    client = BrokerClient(account.broker, account.token)
+    try:
+        client.me()
+    except BrokerError as exc:
+        if exc.status != 401:
+            raise
+        client.login(account.email, account.password)
+        account.token = client.token or ""
+        account.save(home)
+    return account, client
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Lend slots until SIGTERM or Ctrl-C, then drain and withdraw."""
+    home = Path(args.home)
+    identity = Identity.load(home)
+    account, client = _logged_in(home, args.broker)
+
+    def relogin() -> None:
+        client.login(account.email, account.password)
+
+    limits = Limits(memory=args.memory * 1024 * 1024, cpu_seconds=args.cpu_seconds, timeout=args.task_timeout)
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="compute-broker-"))
+    daemon = PeerDaemon(
+        identity,
+        client,
+        jobs=args.jobs,
+        host=args.host,
+        port=args.port,
+        advertise=args.advertise,
+        limits=limits,
+        scratch=scratch,
+        heartbeat=args.heartbeat,
+        relogin=relogin,
+    )
+    stopping = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not stopping:
+            stopping.append(signum)
+            logging.getLogger("peer").info("%s: draining", signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.start()
+    print(f"peer {account.email}: serving {args.jobs} slot(s) at {daemon.address}", flush=True)
+    try:
+        while not stopping:
+            time.sleep(0.2)  # signal handlers run between sleeps
+    finally:
+        daemon.stop(drain=args.drain)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show the account, the slots offered and the sessions."""
+    account, client = _logged_in(Path(args.home), args.broker)
+    me = client.me()
+    print(f"account   {me['email']} ({me['id']}) at {account.broker}")
+    print(f"address   {me['address']}")
+    print(f"slots     {me['jobs']}  runtime {me.get('runtime') or '-'}")
+    sessions = client.sessions()
+    print(f"sessions  {len(sessions)}")
+    for s in sessions:
+        print(f"  {s['id']}  {s['role']:<6}  {s['status']:<8}  {s['slots']} slot(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m peer", description="Compute Broker peer: lend your idle cores."
+    )
+    parser.add_argument("--home", default=str(default_home()), help="config directory (default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create or log in to an account and register this machine's key")
+    p.add_argument("--broker", default=default_broker(), help="broker URL (default: %(default)s)")
+    p.add_argument("--email", required=True)
+    p.add_argument("--password", help="default: $COMPUTE_BROKER_PASSWORD, or a prompt")
+    p.add_argument("--address", help="host:port requesters dial (serve --advertise overrides it)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("serve", help="offer job slots until SIGTERM or Ctrl-C")
+    p.add_argument("--jobs", type=int, default=1, help="slots to offer (default: %(default)s)")
+    p.add_argument("--port", type=int, default=7000, help="TCP port to listen on (default: %(default)s)")
+    p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: %(default)s)")  # noqa: S104
+    p.add_argument("--advertise", help="host:port requesters should dial (default: host:port)")
+    p.add_argument("--broker", help="broker URL (default: the one given to init)")
+    p.add_argument("--memory", type=int, default=2048, help="MiB of address space per slot")
+    p.add_argument("--cpu-seconds", type=int, default=300, help="CPU seconds per sandbox process")
+    p.add_argument("--task-timeout", type=float, default=300.0, help="wall-clock seconds per task")
+    p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats")
+    p.add_argument("--drain", type=float, default=30.0, help="seconds to finish running tasks on exit")
+    p.add_argument("--scratch", help="directory for the slots' scratch space (default: a temp dir)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="show the account, its slots and sessions")
+    p.add_argument("--broker", help="broker URL (default: the one given to init)")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except PeerError as exc:
+        print(f"peer: error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"peer: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,446 @@
+"""The contributor's daemon: announce slots, heartbeat, accept work, run it sandboxed.
+
+Threads, each with one job:
+- the accept loop hands each TCP connection to a connection thread, which runs the
+  `peer.channel` handshake (authorizing the requester with the broker before anything
+  but a bounded JSON hello is read) and then reads frames: FUNC (code, kept per
+  connection), TASK (queued for a slot), PING;
+- one thread per slot owns a `peer.sandbox.Slot` (a sandboxed child process) for its
+  whole life and runs the tasks the `WorkQueue` gives it, writing each result back on
+  the task's connection;
+- the heartbeat thread tells the broker every few seconds that the peer is alive.
+
+The daemon never unpickles: task data and results pass through as opaque buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peer import tasks as _tasks  # noqa: F401 - loaded before slots fork, so sandboxes can use it
+from peer import wire
+from peer.api import BrokerClient, BrokerError, BrokerUnreachable
+from peer.channel import Hello, Refused, accept
+from peer.errors import PeerError, ProtocolError, SandboxError, TaskError
+from peer.identity import Identity, normalize_public_key
+from peer.runtime import local_runtime
+from peer.sandbox import Limits, Slot
+from peer.wire import Kind
+
+log = logging.getLogger("peer")
+
+TASK_ID = struct.Struct("!Q")
+OPEN = ("matched", "partial")
+AUTH_CACHE_SECONDS = 15.0
+
+
+class DaemonError(PeerError):
+    """The daemon cannot start (port in use, broker unreachable, ...)."""
+
+
+@dataclass
+class Grant:
+    """What the broker says a session may use on this peer."""
+
+    owner_key: str
+    slots: int
+    expires: float
+
+
+class Authorizer:
+    """Asks the broker whether a requester may use this peer, caching yes-answers briefly.
+
+    A requester is accepted only for an open (``matched``/``partial``) session that
+    lists this peer as a member and whose owner's registered pubKey is the key of the
+    certificate it showed.
+    """
+
+    def __init__(self, client: BrokerClient, *, ttl: float = AUTH_CACHE_SECONDS) -> None:
+        self._client = client
+        self._ttl = ttl
+        self._cache: dict[str, Grant] = {}
+        self._lock = threading.Lock()
+
+    def grant(self, session_id: str, *, fresh: bool = False) -> Grant | str:
+        """The session's grant, or the reason there is none."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(session_id)
+        if cached and cached.expires > now and not fresh:
+            return cached
+        try:
+            session = self._client.session(session_id)
+        except BrokerError as exc:
+            with self._lock:
+                self._cache.pop(session_id, None)
+            if exc.status == 404:
+                return "no such session among those this peer works in"
+            return f"the broker could not confirm the session ({exc.status})"
+        except BrokerUnreachable:
+            return "the broker cannot be reached to confirm the session"
+        if session.get("status") not in OPEN or session.get("role") != "member" or not session["workers"]:
+            with self._lock:
+                self._cache.pop(session_id, None)
+            return f"session is {session.get('status')}, not open for this peer"
+        grant = Grant(
+            normalize_public_key(session["owner"]["pubKey"]), session["workers"][0]["slots"], now + self._ttl
+        )
+        with self._lock:
+            self._cache[session_id] = grant
+        return grant
+
+    def __call__(self, hello: Hello) -> str | None:
+        grant = self.grant(hello.session_id)
+        if isinstance(grant, str):
+            return grant
+        if grant.owner_key != hello.public_key:
+            return "the certificate's key is not the session owner's registered pubKey"
+        return None
+
+
+@dataclass(eq=False)
+class Connection:
+    """One authenticated requester connection."""
+
+    tls: ssl.SSLSocket
+    session_id: str
+    address: str
+    codes: dict[str, bytes] = field(default_factory=dict)
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+    alive: bool = True
+    tasks: int = 0
+
+    def send(self, kind: Kind, parts: list[wire.Buffer]) -> None:
+        if not self.alive:
+            return
+        try:
+            with self.write_lock:
+                wire.write_frame(self.tls, kind, parts)
+        except OSError:
+            self.alive = False
+
+
+@dataclass
+class Work:
+    conn: Connection
+    task_id: bytes
+    code_id: str
+    data: list[memoryview]
+
+
+class WorkQueue:
+    """Tasks waiting for a slot, per session, each session limited to the slots it was
+    granted: one requester cannot take the slots another session was matched with."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[Work]] = {}
+        self._running: dict[str, int] = {}
+        self._limits: dict[str, int] = {}
+        self._order: deque[str] = deque()
+        self._closed = False
+        self.busy = 0
+
+    def put(self, work: Work, limit: int) -> None:
+        with self._cond:
+            sid = work.conn.session_id
+            self._limits[sid] = limit
+            if sid not in self._queues:
+                self._queues[sid] = deque()
+                self._order.append(sid)
+            self._queues[sid].append(work)
+            self._cond.notify()
+
+    def take(self) -> Work | None:
+        """The next runnable task (round-robin over sessions), or None once closed."""
+        with self._cond:
+            while True:
+                for _ in range(len(self._order)):
+                    sid = self._order[0]
+                    self._order.rotate(-1)
+                    queue = self._queues[sid]
+                    if queue and self._running.get(sid, 0) < self._limits.get(sid, 1):
+                        self._running[sid] = self._running.get(sid, 0) + 1
+                        self.busy += 1
+                        return queue.popleft()
+                if self._closed:
+                    return None
+                self._cond.wait()
+
+    def done(self, work: Work) -> None:
+        with self._cond:
+            sid = work.conn.session_id
+            self._running[sid] -= 1
+            self.busy -= 1
+            if not self._running[sid] and not self._queues[sid]:
+                del self._running[sid], self._queues[sid], self._limits[sid]
+                self._order.remove(sid)
+            self._cond.notify_all()
+
+    def drop(self, conn: Connection) -> int:
+        """Forget a closed connection's queued tasks; returns how many."""
+        with self._cond:
+            queue = self._queues.get(conn.session_id)
+            if not queue:
+                return 0
+            kept = deque(w for w in queue if w.conn is not conn)
+            dropped = len(queue) - len(kept)
+            self._queues[conn.session_id] = kept
+            return dropped
+
+    def pending(self) -> int:
+        with self._cond:
+            return sum(len(q) for q in self._queues.values()) + self.busy
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class PeerDaemon:
+    """Serve ``jobs`` slots on ``host:port`` for sessions the broker matches us with.
+
+    Args:
+        identity: The peer's key pair; its pubKey must be the one registered.
+        client: A logged-in broker client (the peer's account).
+        advertise: ``host:port`` requesters should dial (default ``host:port``).
+        limits: Sandbox limits of each slot.
+        scratch: Directory for the slots' scratch directories.
+        heartbeat: Seconds between heartbeats (keep under the broker's interval).
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        client: BrokerClient,
+        *,
+        jobs: int,
+        host: str = "0.0.0.0",  # noqa: S104 - peers serve the internet by design
+        port: int = 0,
+        advertise: str | None = None,
+        limits: Limits | None = None,
+        scratch: Path,
+        heartbeat: float = 5.0,
+        relogin: Callable[[], None] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.client = client
+        self.jobs = jobs
+        self.limits = limits or Limits()
+        self.scratch = Path(scratch)
+        self.heartbeat_interval = heartbeat
+        self._relogin = relogin
+        self.authorizer = Authorizer(client)
+        self.queue = WorkQueue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._conns: set[Connection] = set()
+        self._conns_lock = threading.Lock()
+        self._slots_ready = threading.Barrier(jobs + 1)
+        self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.listener.bind((host, port))
+        except OSError as exc:
+            self.listener.close()
+            raise DaemonError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self.listener.listen(128)
+        self.port = self.listener.getsockname()[1]
+        self.address = advertise or f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"  # noqa: S104
+        self.completed = 0
+
+    # -- life cycle ---------------------------------------------------------------
+    def start(self) -> None:
+        """Start the slots, register with the broker, then accept requesters."""
+        for index in range(self.jobs):
+            self._spawn(self._slot_loop, index, name=f"slot-{index}")
+        try:
+            self._slots_ready.wait(60)
+        except threading.BrokenBarrierError:
+            self.stop(drain=0)
+            raise DaemonError("a sandbox slot could not start; see the log above") from None
+        self._broker(lambda: self.client.update_me(address=self.address, pubKey=self.identity.public_key))
+        self._broker(lambda: self.client.set_jobs(self.jobs, local_runtime()))
+        self._spawn(self._heartbeat_loop, name="heartbeat")
+        self._spawn(self._accept_loop, name="accept")
+        log.info("serving %d slot(s) at %s", self.jobs, self.address)
+
+    def wait(self) -> None:
+        """Block until `stop` is called."""
+        while not self._stop.wait(0.5):
+            pass
+
+    def stop(self, *, drain: float = 30.0) -> None:
+        """Stop taking work, withdraw from the broker, finish running tasks (up to
+        ``drain`` seconds), then close every connection and slot."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self.listener.close()
+        try:
+            self._broker(lambda: self.client.set_jobs(0))
+        except PeerError as exc:
+            log.warning("could not set jobs to 0: %s", exc)
+        deadline = time.monotonic() + drain
+        while self.queue.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.queue.close()
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.send(Kind.BYE, [])
+            _close(conn.tls)
+        for thread in self._threads:
+            thread.join(10)
+        log.info("stopped after %d task(s)", self.completed)
+
+    def _spawn(self, target: Callable[..., None], *args: object, name: str) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _broker(self, call: Callable[[], object]) -> object:
+        try:
+            return call()
+        except BrokerError as exc:
+            if exc.status != 401 or self._relogin is None:
+                raise
+            self._relogin()
+            return call()
+
+    # -- threads ------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval):
+            try:
+                self._broker(self.client.heartbeat)
+            except PeerError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, addr = self.listener.accept()
+            except OSError:
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._spawn(self._serve_connection, sock, f"{addr[0]}:{addr[1]}", name=f"conn-{addr[1]}")
+
+    def _serve_connection(self, sock: socket.socket, address: str) -> None:
+        try:
+            tls, hello = accept(sock, self.identity, self.authorizer)
+        except Refused as exc:
+            log.info("refused %s: %s", address, exc)
+            _close(sock)
+            return
+        except (ProtocolError, OSError, ssl.SSLError) as exc:
+            log.info("handshake with %s failed: %s", address, exc)
+            _close(sock)
+            return
+        grant = self.authorizer.grant(hello.session_id)
+        slots = grant.slots if not isinstance(grant, str) else 1
+        conn = Connection(tls, hello.session_id, address)
+        with self._conns_lock:
+            self._conns.add(conn)
+        log.info("session %s: requester connected from %s (%d slot(s))", hello.session_id[:8], address, slots)
+        try:
+            self._read_frames(conn, slots)
+        except (ProtocolError, OSError, ssl.SSLError) as exc:
+            if conn.alive and not self._stop.is_set():
+                log.info("session %s: connection from %s ended: %s", hello.session_id[:8], address, exc)
+        finally:
+            conn.alive = False
+            dropped = self.queue.drop(conn)
+            with self._conns_lock:
+                self._conns.discard(conn)
+            _close(tls)
+            log.info(
+                "session %s: %s disconnected after %d task(s)%s",
+                hello.session_id[:8],
+                address,
+                conn.tasks,
+                f", {dropped} queued task(s) dropped" if dropped else "",
+            )
+
+    def _read_frames(self, conn: Connection, slots: int) -> None:
+        while not self._stop.is_set():
+            kind, payload = wire.read_frame(conn.tls)
+            if kind is Kind.TASK:
+                parts = wire.unpack_buffers(payload)
+                if len(parts) < 2 or len(parts[0]) != TASK_ID.size:
+                    raise ProtocolError("TASK needs a task id and a code id")
+                code_id = bytes(parts[1]).decode("ascii", "replace")
+                if code_id not in conn.codes:
+                    conn.send(
+                        Kind.ERROR, [_error(parts[0], "LookupError", "no function was sent with that id")]
+                    )
+                    continue
+                self.queue.put(Work(conn, bytes(parts[0]), code_id, parts[2:]), slots)
+            elif kind is Kind.FUNC:
+                parts = wire.unpack_buffers(payload)
+                if len(parts) != 2:
+                    raise ProtocolError("FUNC needs a code id and the code")
+                conn.codes[bytes(parts[0]).decode("ascii", "replace")] = bytes(parts[1])
+            elif kind is Kind.PING:
+                conn.send(Kind.PONG, [payload])
+            elif kind is Kind.BYE:
+                return
+            else:
+                raise ProtocolError(f"unexpected {kind.name} frame from a requester")
+
+    def _slot_loop(self, index: int) -> None:
+        try:
+            slot = Slot(self.limits, index, self.scratch)
+        except (SandboxError, OSError) as exc:
+            log.error("slot %d could not start: %s", index, exc)
+            self._slots_ready.abort()
+            return
+        self._slots_ready.wait()
+        with slot:
+            while (work := self.queue.take()) is not None:
+                try:
+                    if not work.conn.alive:
+                        continue
+                    try:
+                        out = slot.run(work.code_id, work.conn.codes[work.code_id], work.data)
+                    except TaskError as exc:
+                        work.conn.send(
+                            Kind.ERROR, [_error(work.task_id, exc.type_name, exc.message, exc.traceback_text)]
+                        )
+                    except SandboxError as exc:
+                        work.conn.send(Kind.ERROR, [_error(work.task_id, "SandboxError", str(exc))])
+                    else:
+                        work.conn.send(Kind.RESULT, wire.pack_buffers([work.task_id, *out]))
+                    work.conn.tasks += 1
+                    self.completed += 1
+                finally:
+                    self.queue.done(work)
+
+
+def _error(task_id: bytes | memoryview, type_name: str, message: str, tb: str = "") -> bytes:
+    (number,) = TASK_ID.unpack(task_id)
+    return wire.encode_json({"task": number, "type": type_name, "message": message, "traceback": tb})
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass

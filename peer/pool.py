@@ -1,0 +1,507 @@
+"""``Pool``: a `concurrent.futures.Executor` whose workers are other people's peers.
+
+    with Pool(workers=4) as pool:
+        squares = list(pool.map(square, range(10_000)))
+
+The pool asks the broker for a session lazily, on the first task, after checking that
+the function and its first arguments serialize, so a mistake fails in milliseconds
+instead of after a match. It then opens one mutually authenticated TLS channel per
+worker (`peer.channel`) and keeps several tasks in flight per slot.
+
+- Functions travel once per connection (dill, by content id); arguments and results
+  use the C pickler with protocol-5 out-of-band buffers (`peer.codec`).
+- ``map`` sends chunks of items as single tasks (`peer.tasks.Chunk`).
+- Results are decoded with the data-only unpickler unless ``trust_results=True``.
+- When a worker's connection drops, only its unfinished tasks run again on the
+  others, at most ``max_tries`` times each; ``pool.rerun`` counts them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peer import codec, wire
+from peer.api import BrokerClient
+from peer.channel import connect
+from peer.config import Account, default_broker, default_home
+from peer.daemon import TASK_ID
+from peer.errors import PeerError, ProtocolError, TaskError
+from peer.identity import Identity, normalize_public_key
+from peer.runtime import local_runtime
+from peer.tasks import Chunk
+from peer.wire import Kind
+
+__all__ = ["NoWorkersError", "Pool", "PoolError", "RemoteError", "WorkerLost", "as_completed"]
+
+log = logging.getLogger("peer.pool")
+
+#: A remote task raised: type name, message and traceback text of the remote error.
+RemoteError = TaskError
+
+
+class PoolError(PeerError):
+    """The pool could not be set up or used."""
+
+
+class NoWorkersError(PoolError):
+    """The broker found too few workers, or every worker was lost."""
+
+
+class WorkerLost(PoolError):
+    """A task's worker disconnected more often than the pool retries."""
+
+
+@dataclass
+class _Task:
+    id: int
+    code_id: str
+    code: bytes
+    data: list[wire.Buffer]
+    future: Future
+    items: int = 1
+    tries: int = 0
+
+
+@dataclass(eq=False)
+class _Link:
+    """One TLS channel to one worker."""
+
+    worker_id: str
+    address: str
+    slots: int
+    tls: ssl.SSLSocket
+    window: int
+    inflight: dict[int, _Task] = field(default_factory=dict)
+    sent_codes: set[str] = field(default_factory=set)
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    alive: bool = True
+    done: int = 0
+
+    @property
+    def room(self) -> int:
+        return self.slots * self.window - len(self.inflight) if self.alive else 0
+
+
+class Pool(Executor):
+    """Run Python functions on peers found through the broker.
+
+    Args:
+        workers: Workers (slots) to ask the broker for.
+        broker: The broker's URL (default ``$COMPUTE_BROKER_URL`` or the account's).
+        token: A broker token; or give ``email`` and ``password``; or neither, to use
+            the account in ``home`` made by ``python -m peer init``.
+        min_workers: Accept a partial pool of at least this many at ``timeout``.
+        timeout: Seconds the broker may take to find workers.
+        trust_results: Decode results with full dill (only for peers you trust).
+        home: Directory with this requester's key pair (see `peer.config`).
+        max_tries: Times a task may be sent before a lost worker fails it.
+        window: Tasks kept in flight per slot.
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        *,
+        broker: str | None = None,
+        token: str | None = None,
+        email: str | None = None,
+        password: str | None = None,
+        min_workers: int | None = None,
+        timeout: int = 60,
+        trust_results: bool = False,
+        home: Path | str | None = None,
+        max_tries: int = 3,
+        window: int = 4,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.home = Path(home) if home else default_home()
+        self.identity = Identity.load(self.home)
+        account = None
+        if token is None and email is None:
+            account = Account.load(self.home)
+        self._client = BrokerClient(broker or (account.broker if account else default_broker()))
+        self._credentials = (email, password) if email else None
+        self._client.token = token or (account.token if account else None)
+        if account and not token:
+            self._credentials = (account.email, account.password)
+        self.workers, self.min_workers, self.timeout = workers, min_workers, timeout
+        self.trust_results, self.max_tries, self.window = trust_results, max_tries, window
+        self.session_id: str | None = None
+        self.rerun = 0
+        self._links: list[_Link] = []
+        self._queue: deque[_Task] = deque()
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._codes: dict[tuple[int, bool], tuple[Callable[..., Any], str, bytes]] = {}
+        self._outstanding: set[Future] = set()
+        self._started = False
+        self._closed = False
+
+    # -- public API -----------------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Run ``fn(*args, **kwargs)`` on a worker; returns a Future of its result."""
+        code_id, code = self._code(fn)
+        data = codec.dumps_data((args, kwargs))
+        return self._enqueue([(code_id, code, data, 1)])[0]
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[Any]:
+        """Like `Executor.map`: results in order; items travel in chunks.
+
+        Args:
+            chunksize: Items per task (default: about 4 tasks per slot).
+            progress: Show a tqdm progress bar of items done.
+        """
+        items = list(zip(*iterables, strict=False))
+        if not items:
+            return iter(())
+        code_id, code = self._code(fn, chunked=True)
+        first = codec.dumps_data(((items[:1],), {}))  # fail fast on unpicklable arguments
+        del first
+        self._ensure_started()
+        if chunksize is None:
+            chunksize = max(1, math.ceil(len(items) / (self.slots * 4)))
+        chunksize = min(chunksize, max(1, len(items)))
+        batch = []
+        for start in range(0, len(items), chunksize):
+            chunk = items[start : start + chunksize]
+            batch.append((code_id, code, codec.dumps_data(((chunk,), {})), len(chunk)))
+        futures = self._enqueue(batch)
+        bar = _progress(len(items)) if progress else None
+        if bar is not None:
+            lock = threading.Lock()
+
+            def advance(fut: Future, n: int) -> None:
+                with lock:
+                    bar.update(n)
+
+            for fut, (_, _, _, n) in zip(futures, batch, strict=True):
+                fut.add_done_callback(lambda f, n=n: advance(f, n))
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def results() -> Iterator[Any]:
+            try:
+                for fut in futures:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    yield from fut.result(left)
+            finally:
+                for fut in futures:
+                    fut.cancel()
+                if bar is not None:
+                    bar.close()
+
+        return results()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Finish (or cancel) outstanding tasks, close the channels, end the session."""
+        with self._lock:
+            if self._closed:
+                return
+            if cancel_futures:
+                while self._queue:
+                    self._queue.popleft().future.cancel()
+        if wait:
+            for fut in list(self._outstanding):
+                try:
+                    fut.exception()
+                except BaseException:  # noqa: S110 - cancelled; the caller holds the future
+                    pass
+        with self._lock:
+            self._closed = True
+            links, self._links = self._links, []
+        for link in links:
+            link.alive = False
+            try:
+                with link.send_lock:
+                    wire.write_frame(link.tls, Kind.BYE, [])
+            except OSError:
+                pass
+            _close(link.tls)
+        if self.session_id:
+            try:
+                self._client.end_session(self.session_id)
+            except PeerError as exc:
+                log.warning("could not end session %s: %s", self.session_id, exc)
+        self._client.close()
+
+    @property
+    def slots(self) -> int:
+        """Slots of the workers currently connected."""
+        with self._lock:
+            return sum(link.slots for link in self._links if link.alive)
+
+    @property
+    def shares(self) -> dict[str, int]:
+        """Tasks each worker (by address) has completed."""
+        with self._lock:
+            return {link.address: link.done for link in self._links}
+
+    # -- setup ----------------------------------------------------------------------
+    def _code(self, fn: Callable[..., Any], *, chunked: bool = False) -> tuple[str, bytes]:
+        """Serialize a function once (dill is slow) and check it loads back here."""
+        key = (id(fn), chunked)
+        cached = self._codes.get(key)
+        if cached is None or cached[0] is not fn:
+            if not callable(fn):
+                raise TypeError(f"expected a callable, got {type(fn).__name__}")
+            try:
+                code = codec.dumps_code(Chunk(fn) if chunked else fn)
+                codec.loads_code(code)
+            except Exception as exc:
+                raise PoolError(f"cannot serialize {fn!r} with dill: {exc}") from exc
+            cached = (fn, codec.code_id(code), code)
+            if len(self._codes) > 1024:
+                self._codes.clear()
+            self._codes[key] = cached
+        return cached[1], cached[2]
+
+    def _ensure_started(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise PoolError("the pool has been shut down")
+            if self._started:
+                return
+            self._start()
+            self._started = True
+
+    def _start(self) -> None:
+        if self._client.token is None:
+            if not self._credentials:
+                raise PoolError("give token=, or email= and password=, or run `python -m peer init`")
+            self._client.login(*self._credentials)
+        try:
+            me = self._client.me()
+        except PeerError as exc:
+            if self._credentials and getattr(exc, "status", None) == 401:
+                self._client.login(*self._credentials)
+                me = self._client.me()
+            else:
+                raise
+        if normalize_public_key(me["pubKey"]) != self.identity.public_key:
+            raise PoolError(
+                f"the account's registered pubKey is not the key in {self.home}; "
+                "run `python -m peer init` with this account on this machine"
+            )
+        created = self._client.request_pool(
+            self.workers, min_workers=self.min_workers, timeout=self.timeout, runtime=local_runtime()
+        )
+        self.session_id = created["id"]
+        session = created
+        deadline = time.monotonic() + self.timeout + 30
+        while session["status"] == "pending" and time.monotonic() < deadline:
+            session = self._client.session(
+                self.session_id, wait=min(25.0, max(1.0, deadline - time.monotonic()))
+            )
+        if session["status"] not in ("matched", "partial"):
+            self._end_quietly()
+            raise NoWorkersError(
+                f"the broker found fewer than {self.min_workers or self.workers} worker(s) "
+                f"in {self.timeout} s (session {session['status']})"
+            )
+        self._connect(session["workers"])
+
+    def _connect(self, workers: list[dict[str, Any]]) -> None:
+        errors: list[str] = []
+        opened: list[_Link] = []  # list.append is atomic; the caller holds self._lock
+        threads = []
+
+        def open_link(worker: dict[str, Any]) -> None:
+            try:
+                tls = connect(worker["address"], self.identity, self.session_id or "", worker["pubKey"])
+            except (PeerError, OSError, ssl.SSLError) as exc:
+                errors.append(f"{worker['address']}: {exc}")
+                return
+            _keepalive(tls)
+            opened.append(_Link(worker["id"], worker["address"], worker["slots"], tls, self.window))
+
+        for worker in workers:
+            t = threading.Thread(target=open_link, args=(worker,), daemon=True)
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join()
+        self._links.extend(opened)
+        for link in opened:
+            threading.Thread(
+                target=self._reader, args=(link,), daemon=True, name=f"pool-{link.address}"
+            ).start()
+        if not self._links:
+            self._end_quietly()
+            raise NoWorkersError("could not connect to any worker: " + "; ".join(errors))
+        for error in errors:
+            log.warning("worker unavailable: %s", error)
+
+    def _end_quietly(self) -> None:
+        if self.session_id:
+            try:
+                self._client.end_session(self.session_id)
+            except PeerError:
+                pass
+
+    # -- dispatch -------------------------------------------------------------------
+    def _enqueue(self, batch: list[tuple[str, bytes, list[wire.Buffer], int]]) -> list[Future]:
+        self._ensure_started()
+        futures = []
+        with self._lock:
+            for code_id, code, data, items in batch:
+                fut: Future = Future()
+                self._queue.append(_Task(next(self._ids), code_id, code, data, fut, items))
+                self._outstanding.add(fut)
+                fut.add_done_callback(self._outstanding.discard)
+                futures.append(fut)
+            if not any(link.alive for link in self._links):
+                self._fail_queue(NoWorkersError("every worker of the pool was lost"))
+        self._pump()
+        return futures
+
+    def _pump(self) -> None:
+        """Send queued tasks to the links with room, most room first."""
+        while True:
+            with self._lock:
+                link = max(self._links, key=lambda lk: lk.room, default=None)
+                if link is None or link.room <= 0 or not self._queue:
+                    return
+                sends = []
+                while self._queue and link.room > 0:
+                    task = self._queue.popleft()
+                    if task.tries == 0 and not task.future.set_running_or_notify_cancel():
+                        continue
+                    link.inflight[task.id] = task
+                    sends.append(task)
+            if sends:
+                self._send(link, sends)
+
+    def _send(self, link: _Link, tasks: list[_Task]) -> None:
+        try:
+            with link.send_lock:
+                for task in tasks:
+                    if task.code_id not in link.sent_codes:
+                        wire.write_frame(
+                            link.tls, Kind.FUNC, wire.pack_buffers([task.code_id.encode(), task.code])
+                        )
+                        link.sent_codes.add(task.code_id)
+                    head = [TASK_ID.pack(task.id), task.code_id.encode()]
+                    wire.write_frame(link.tls, Kind.TASK, wire.pack_buffers([*head, *task.data]))
+        except (OSError, ssl.SSLError) as exc:
+            self._lost(link, f"send failed: {exc}")
+
+    def _reader(self, link: _Link) -> None:
+        try:
+            while True:
+                kind, payload = wire.read_frame(link.tls)
+                if kind is Kind.RESULT:
+                    parts = wire.unpack_buffers(payload)
+                    (task_id,) = TASK_ID.unpack(parts[0])
+                    task = self._finish(link, task_id)
+                    if task is not None:
+                        try:
+                            value = codec.loads_data(parts[1:], trusted=self.trust_results)
+                        except Exception as exc:
+                            task.future.set_exception(exc)
+                        else:
+                            task.future.set_result(value)
+                elif kind is Kind.ERROR:
+                    msg = wire.decode_json(payload)
+                    task = self._finish(link, int(msg.get("task", -1)))
+                    if task is not None:
+                        task.future.set_exception(TaskError.from_dict(msg))
+                elif kind is Kind.BYE:
+                    raise ProtocolError("the worker is shutting down")
+                elif kind is Kind.PONG:
+                    continue
+                else:
+                    raise ProtocolError(f"unexpected {kind.name} frame from a worker")
+                self._pump()
+        except (PeerError, OSError, ssl.SSLError, ValueError) as exc:
+            if link.alive:
+                self._lost(link, str(exc) or type(exc).__name__)
+
+    def _finish(self, link: _Link, task_id: int) -> _Task | None:
+        with self._lock:
+            task = link.inflight.pop(task_id, None)
+            if task is not None:
+                link.done += 1
+            return task
+
+    def _lost(self, link: _Link, reason: str) -> None:
+        """A worker is gone: run its unfinished tasks again elsewhere, bounded."""
+        with self._lock:
+            if not link.alive:
+                return
+            link.alive = False
+            unfinished = sorted(link.inflight.values(), key=lambda t: t.id, reverse=True)
+            link.inflight.clear()
+            closed = self._closed
+        _close(link.tls)
+        if closed:
+            return
+        log.warning("worker %s lost (%s); re-running %d task(s)", link.address, reason, len(unfinished))
+        with self._lock:
+            for task in unfinished:
+                task.tries += 1
+                if task.tries >= self.max_tries:
+                    task.future.set_exception(
+                        WorkerLost(
+                            f"task lost its worker {task.tries} times (last: {link.address}, {reason})"
+                        )
+                    )
+                else:
+                    self.rerun += 1
+                    self._queue.appendleft(task)
+            if not any(lk.alive for lk in self._links):
+                self._fail_queue(NoWorkersError(f"every worker of the pool was lost (last: {reason})"))
+        self._pump()
+
+    def _fail_queue(self, error: Exception) -> None:
+        while self._queue:
+            task = self._queue.popleft()
+            if task.tries or task.future.set_running_or_notify_cancel():
+                task.future.set_exception(error)
+
+    def __repr__(self) -> str:
+        return f"<Pool session={self.session_id} links={len(self._links)} slots={self.slots}>"
+
+
+def _progress(total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="item", smoothing=0.1, disable=os.environ.get("TQDM_DISABLE") == "1")
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """Detect a worker whose network went silent in about 20 s, not hours."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
