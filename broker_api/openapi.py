@@ -41,7 +41,7 @@ _OPS: list[tuple[str, str, str, bool, s.Schema | None, bool, dict[int, s.Schema 
      {202: s.SESSION, 400: None, 401: None, 413: None, 415: None}),
     ("get", "/v1/sessions", "Sessions I own or work in", True, None, False,
      {200: s.SESSIONS, 401: None}),
-    ("get", "/v1/sessions/{sessionId}", "A session; ?wait=S long-polls for a status change",
+    ("get", "/v1/sessions/{sessionId}", "A session; ?wait=S[&since=status] long-polls for a status change",
      True, None, False, {200: s.SESSION, 400: None, 401: None, 404: None}),
     ("delete", "/v1/sessions/{sessionId}", "End a session, freeing its workers", True, None,
      False, {204: None, 401: None, 403: None, 404: None}),
@@ -70,6 +70,19 @@ def build_document() -> dict[str, Any]:
                     "required": False,
                     "description": "Seconds to wait for a status change (capped).",
                     "schema": {"type": "number", "minimum": 0},
+                }
+            )
+            params.append(
+                {
+                    "name": "since",
+                    "in": "query",
+                    "required": False,
+                    "description": "With wait: the status last seen (default pending); "
+                    "returns at once if the session's status differs from it.",
+                    "schema": {
+                        "type": "string",
+                        "enum": ["pending", "matched", "partial", "failed", "closed"],
+                    },
                 }
             )
         if params:

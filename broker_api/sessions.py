@@ -145,18 +145,26 @@ class SessionResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
         user_id = req.context.caller.user_id
         wait = self._wait_param(req)
+        since = req.get_param("since") or Status.PENDING.value
+        if since not in {s.value for s in Status}:
+            raise InvalidRequest(
+                f"query parameter 'since' must be one of {', '.join(s.value for s in Status)}"
+            )
         session = _visible(session_id, user_id)
-        if wait > 0:
-            session = self._long_poll(session, user_id, wait)
+        if wait > 0 and session.status == since:
+            session = self._long_poll(session, user_id, wait, since)
         resp.media = session_view(session, user_id)
 
-    def _long_poll(self, session: Session, user_id: str, wait: float) -> Session:
-        """Wait up to ``wait`` seconds for the status to differ from its current one.
+    def _long_poll(self, session: Session, user_id: str, wait: float, since: str) -> Session:
+        """Wait up to ``wait`` seconds for the status to differ from ``since``.
 
-        Subscribes before re-reading the status, so a change published in between is
-        not missed; the database connection is released while waiting.
+        The client says which status it last saw (default ``pending``), so a change
+        that lands between its previous read and this request returns at once instead
+        of being waited past. Subscribes before re-reading the status, so a change
+        published in between is not missed; the database connection is released while
+        waiting.
         """
-        initial = session.status
+        initial = since
         deadline = time.monotonic() + wait
         pubsub = self._conn.pubsub(ignore_subscribe_messages=True)
         try:

@@ -232,6 +232,31 @@ def test_long_poll_returns_as_soon_as_matched(client, run_matchmaker):
     assert result["elapsed"] < 5
 
 
+def test_long_poll_after_the_match_returns_at_once(client, run_matchmaker):
+    """A match that lands between the POST and the long-poll must not be waited past
+    (the benchmark saw 8 of 50 requests wait out the whole 10 s before this)."""
+    peer, requester = signup(client), signup(client)
+    offer(client, peer["token"], 1)
+    sid = request_pool(client, requester["token"], 1, timeout=60)["id"]
+    run_matchmaker()  # matched before the client polls
+    t0 = time.monotonic()
+    r = _get(client, requester["token"], sid, params={"wait": "10"})
+    assert r.json["status"] == "matched" and time.monotonic() - t0 < 1
+
+    def close_later():
+        time.sleep(0.3)
+        client.delete(f"/v1/sessions/{sid}", headers=auth(requester["token"]))
+
+    closer = threading.Thread(target=close_later)
+    closer.start()
+    t0 = time.monotonic()
+    r = _get(client, requester["token"], sid, params={"wait": "10", "since": "matched"})
+    closer.join()
+    assert r.status_code in (200, 404) and time.monotonic() - t0 < 5
+    bad = _get(client, requester["token"], sid, params={"wait": "1", "since": "soon"})
+    assert bad.status_code in (400, 404)
+
+
 def test_long_poll_times_out_with_unchanged_status(client):
     requester = signup(client)
     sid = request_pool(client, requester["token"], 1, timeout=60)["id"]
