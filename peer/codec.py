@@ -20,13 +20,18 @@ import decimal
 import fractions
 import hashlib
 import io
+import os
 import pickle
+import sys
+import sysconfig
+import threading
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import dill
+import dill._dill
 
 from peer.errors import ProtocolError, UnsafeResultError
 
@@ -50,10 +55,61 @@ def dumps_code(fn: Callable[..., Any]) -> bytes:
     """
     if not callable(fn):
         raise TypeError(f"expected a callable, got {type(fn).__name__}")
-    try:
-        return dill.dumps(fn, protocol=5, recurse=True)
-    except RecursionError:
-        return dill.dumps(fn, protocol=5, recurse=False)
+    with _BY_VALUE:
+        try:
+            return dill.dumps(fn, protocol=5, recurse=True)
+        except RecursionError:
+            return dill.dumps(fn, protocol=5, recurse=False)
+
+
+# -- user code travels by value ------------------------------------------------------
+# dill pickles a function or class "by reference" (module + name) whenever it can
+# import it here, which would make the peer import the requester's own modules: they
+# are not installed there. So anything outside the standard library, site-packages and
+# this package travels by value, as ``__main__`` code does.
+_LIBRARY_ROOTS = tuple(
+    os.path.realpath(p) + os.sep
+    for key in ("stdlib", "platstdlib", "purelib", "platlib")
+    if (p := sysconfig.get_paths().get(key))
+)
+_BY_REFERENCE_PACKAGES = frozenset({"peer", "dill", "numpy"})
+_locate_function = dill._dill._locate_function
+
+
+def _is_library(module_name: str | None) -> bool:
+    if module_name is None or module_name == "__main__":
+        return module_name is None
+    if module_name.partition(".")[0] in _BY_REFERENCE_PACKAGES:
+        return True
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if module is None or path is None:  # built-in or frozen
+        return True
+    return os.path.realpath(path).startswith(_LIBRARY_ROOTS)
+
+
+def _locate_library_function(obj: Any, pickler: Any = None) -> bool:
+    if not _is_library(getattr(obj, "__module__", None)):
+        return False
+    return _locate_function(obj, pickler)
+
+
+class _ByValue:
+    """Patch dill's "can I pickle this by reference?" test while dumping code (dill
+    has no public switch for it), serialized by a lock."""
+
+    _lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        dill._dill._locate_function = _locate_library_function
+
+    def __exit__(self, *exc: object) -> None:
+        dill._dill._locate_function = _locate_function
+        self._lock.release()
+
+
+_BY_VALUE = _ByValue()
 
 
 def code_id(code: Buffer) -> str:
