@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peer import codec, wire
+from peer import codec, tracked, wire
 from peer.errors import ConnectionClosed, ProtocolError, SandboxError, TaskError
 from peer.wire import Buffer, Kind
 
@@ -105,6 +105,9 @@ class _Child:
     poller: select.poll
     codes: set[str] = field(default_factory=set)
     tasks: int = 0
+    shared: dict[int, int] = field(default_factory=dict)  # obj_id -> version it holds
+    shared_token: int | None = None  # the SharedLog those versions came from
+    shared_revision: int = 0  # it holds every update of that log up to this revision
 
     def ended(self) -> tuple[int, int] | None:
         """Return ``(si_code, si_status)`` if the process has ended, else None.
@@ -194,6 +197,8 @@ class Slot:
         data: Sequence[Buffer],
         *,
         timeout: float | None = None,
+        shared: tracked.SharedLog | None = None,
+        upto: int | None = None,
     ) -> list[memoryview]:
         """Run one task in the child and return its result buffers.
 
@@ -203,6 +208,15 @@ class Slot:
                 before. The slot keeps it, so a fresh child is sent it again.
             data: `codec.dumps_data((args, kwargs))` buffers, forwarded unread.
             timeout: Wall-clock limit in seconds; defaults to ``limits.timeout``.
+            shared: The session's shared objects. Before the task, the child is sent
+                the snapshots and deltas it lacks (a fresh child: the latest snapshot
+                and the deltas since), as forwarded buffers. A child holding objects
+                of another log (another session) is replaced first, so one session's
+                data never reaches another's tasks; pass the session's log on every
+                run, even when empty.
+            upto: The log's `revision` when the task arrived: the child is brought
+                up to that point only, so the task sees the state it was submitted
+                with. None brings it fully up to date.
 
         Returns:
             `codec.dumps_data(result)` buffers, slicing the received frame.
@@ -221,13 +235,18 @@ class Slot:
             raise SandboxError(f"no code was given for id {code_id!r}")
         limit = self.limits.timeout if timeout is None else timeout
         child = self._live_child()
-        if code_id not in child.codes and len(child.codes) >= _CODE_CACHE:
-            # The child keeps every function it loads; bound that by replacing it.
+        token = None if shared is None else shared.token
+        foreign = child.shared_token is not None and child.shared_token != token
+        if foreign or (code_id not in child.codes and len(child.codes) >= _CODE_CACHE):
+            # The child keeps every function it loads; bound that by replacing it. It
+            # also keeps replicas, which another session's tasks must not see.
             self._replace(child)
             child = self._live_child()
         deadline = time.monotonic() + limit
         try:
             child.sock.settimeout(limit)
+            if shared is not None:
+                self._sync_shared(child, shared, upto)
             if code_id not in child.codes:
                 parts = wire.pack_buffers([code_id.encode(), self._codes[code_id]])
                 wire.write_frame(child.sock, Kind.FUNC, parts)
@@ -241,6 +260,23 @@ class Slot:
             raise TaskError("SandboxDied", self._replace(child, exc)) from None
         child.tasks += 1
         return self._outcome(child, kind, payload)
+
+    def _sync_shared(self, child: _Child, shared: tracked.SharedLog, upto: int | None) -> None:
+        """Send the child the shared-object updates it lacks, up to revision ``upto``.
+
+        The child applies them before it reads the TASK frame that follows, and sends
+        nothing back: a failure to apply shows in the tasks that use the object, and
+        the child then asks to be recycled. Nothing here is decoded.
+        """
+        revision = shared.revision if upto is None else min(upto, shared.revision)
+        if child.shared_token == shared.token and child.shared_revision >= revision:
+            return  # nothing new: the common case costs two comparisons
+        for update in shared.needs(child.shared, upto=revision):
+            wire.write_frame(child.sock, *tracked.update_frame(update))
+            child.shared[update.obj_id] = update.version
+            child.shared_token = shared.token
+        if child.shared_token == shared.token:
+            child.shared_revision = max(child.shared_revision, revision)
 
     def close(self) -> None:
         """Kill the child and everything it started; the slot cannot be used after."""
@@ -598,15 +634,18 @@ class _Forks:
 
 
 def _serve(sock: socket.socket) -> None:
-    """Answer FUNC and TASK frames until the parent closes the socket or says BYE.
+    """Answer FUNC, TASK, SHARE and DELTA frames until the parent closes the socket or says BYE.
 
     Functions stay cached for the child's life; the parent bounds how many it sends.
+    SHARE/DELTA update the replicas of shared objects (`peer.tracked`) and get no
+    reply; one that fails to apply makes the next task's reply ask for recycling.
     """
     forks = _Forks()
     # A task's children must not keep our socket open (the parent waits for EOF),
     # and forking marks this child for recycling so leftovers get killed.
     os.register_at_fork(after_in_parent=forks.note, after_in_child=sock.close)
     functions: dict[str, Callable[..., Any] | _Unloadable] = {}
+    doubtful = False
     while True:
         try:
             kind, payload = wire.read_frame(sock)
@@ -614,6 +653,10 @@ def _serve(sock: socket.socket) -> None:
             return
         if kind is Kind.BYE:
             return
+        if kind is Kind.SHARE or kind is Kind.DELTA:
+            doubtful |= not tracked.apply_frame(kind, payload)
+            del payload
+            continue
         parts = wire.unpack_buffers(payload)
         name = bytes(parts[0]).decode()
         if kind is Kind.FUNC:
@@ -622,8 +665,8 @@ def _serve(sock: socket.socket) -> None:
             except BaseException as exc:
                 functions[name] = _Unloadable(codec.format_exception(exc))
         elif kind is Kind.TASK:
-            _run_task(sock, functions.get(name), parts[1:], forks)
-            forks.seen = False
+            _run_task(sock, functions.get(name), parts[1:], forks, doubtful)
+            forks.seen = doubtful = False
         del payload, parts
 
 
@@ -632,9 +675,14 @@ def _run_task(
     fn: Callable[..., Any] | _Unloadable | None,
     data: list[memoryview],
     forks: _Forks,
+    doubtful: bool = False,
 ) -> None:
-    """Run one task and answer RESULT or ERROR, which says whether to recycle us."""
-    dirty = False
+    """Run one task and answer RESULT or ERROR, which says whether to recycle us.
+
+    ``doubtful``: a shared-object update failed to apply before this task, so a fresh
+    child (which starts from a snapshot) should take over.
+    """
+    dirty = doubtful
     try:
         if fn is None:
             raise LookupError("no function was sent for this task")
@@ -643,12 +691,12 @@ def _run_task(
         else:
             args, kwargs = codec.loads_data(data, trusted=True)
             out = codec.dumps_data(fn(*args, **kwargs))
-            meta = _META.pack(time.process_time(), forks.seen)
+            meta = _META.pack(time.process_time(), forks.seen or doubtful)
             wire.write_frame(sock, Kind.RESULT, wire.pack_buffers([meta, *out]))
             return
     except BaseException as exc:
         # Anything beyond an ordinary exception may have left this interpreter unwell.
-        dirty = isinstance(exc, _DIRTY_ERRORS) or not isinstance(exc, Exception)
+        dirty = doubtful or isinstance(exc, _DIRTY_ERRORS) or not isinstance(exc, Exception)
         try:
             error = codec.format_exception(exc)
         except BaseException:
