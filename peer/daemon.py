@@ -15,10 +15,13 @@ The daemon never unpickles: task data and results pass through as opaque buffers
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
 from collections import deque
@@ -33,7 +36,7 @@ from peer.channel import Hello, Refused, accept
 from peer.errors import PeerError, ProtocolError, SandboxError, TaskError
 from peer.identity import Identity, normalize_public_key
 from peer.runtime import local_runtime
-from peer.sandbox import Limits, Slot
+from peer.sandbox import DEFAULT_BASE_UID, Limits, Slot
 from peer.wire import Kind
 
 log = logging.getLogger("peer")
@@ -45,6 +48,37 @@ AUTH_CACHE_SECONDS = 15.0
 
 class DaemonError(PeerError):
     """The daemon cannot start (port in use, broker unreachable, ...)."""
+
+
+UID_BLOCK = 64
+UID_BLOCKS = 256
+
+
+def claim_uid_block(jobs: int) -> tuple[int, list[int]]:
+    """Claim a block of sandbox uids no other daemon on this host is using.
+
+    A slot's uid is its sandbox's identity for RLIMIT_NPROC and for killing every
+    process a task left behind, so two daemons on one host (tests, the demo, a
+    contributor lending two accounts) must never share one: each holds an flock on
+    its block's lock file for as long as it lives. Returns the base uid and the lock
+    file descriptors to keep open.
+    """
+    if jobs > UID_BLOCK:
+        raise DaemonError(f"at most {UID_BLOCK} slots per daemon")
+    root = Path("/run/lock") if os.access("/run/lock", os.W_OK) else Path(tempfile.gettempdir())
+    lock_dir = root / "compute-broker-uids"
+    lock_dir.mkdir(mode=0o755, exist_ok=True)
+    # Block 0 (DEFAULT_BASE_UID) is left to programs that drive `Slot` directly.
+    for block in range(1, UID_BLOCKS):
+        base = DEFAULT_BASE_UID + block * UID_BLOCK
+        fd = os.open(lock_dir / f"{base}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return base, [fd]
+    raise DaemonError(f"every sandbox uid block under {lock_dir} is in use")
 
 
 @dataclass
@@ -247,6 +281,9 @@ class PeerDaemon:
         self._conns: set[Connection] = set()
         self._conns_lock = threading.Lock()
         self._slots_ready = threading.Barrier(jobs + 1)
+        self.base_uid, self._uid_locks = (
+            claim_uid_block(jobs) if os.geteuid() == 0 else (DEFAULT_BASE_UID, [])
+        )
         self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -306,6 +343,8 @@ class PeerDaemon:
             _close(conn.tls)
         for thread in self._threads:
             thread.join(10)
+        for fd in self._uid_locks:
+            os.close(fd)
         log.info("stopped after %d task(s)", self.completed)
 
     def _spawn(self, target: Callable[..., None], *args: object, name: str) -> None:
@@ -403,7 +442,7 @@ class PeerDaemon:
 
     def _slot_loop(self, index: int) -> None:
         try:
-            slot = Slot(self.limits, index, self.scratch)
+            slot = Slot(self.limits, index, self.scratch, base_uid=self.base_uid)
         except (SandboxError, OSError) as exc:
             log.error("slot %d could not start: %s", index, exc)
             self._slots_ready.abort()

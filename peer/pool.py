@@ -169,18 +169,15 @@ class Pool(Executor):
         """Like `Executor.map`: results in order; items travel in chunks.
 
         Args:
-            chunksize: Items per task (default: about 4 tasks per slot).
+            chunksize: Items per task (default: about 4 tasks per requested worker).
             progress: Show a tqdm progress bar of items done.
         """
         items = list(zip(*iterables, strict=False))
         if not items:
             return iter(())
         code_id, code = self._code(fn, chunked=True)
-        first = codec.dumps_data(((items[:1],), {}))  # fail fast on unpicklable arguments
-        del first
-        self._ensure_started()
         if chunksize is None:
-            chunksize = max(1, math.ceil(len(items) / (self.slots * 4)))
+            chunksize = max(1, math.ceil(len(items) / (self.workers * 4)))
         chunksize = min(chunksize, max(1, len(items)))
         batch = []
         for start in range(0, len(items), chunksize):
