@@ -130,6 +130,18 @@ class _NeedsDill(Exception):
     """The C pickler produced a stream the other side could not load."""
 
 
+class _DataPickler(pickle.Pickler):
+    """The C pickler, refusing (so that dill takes over, by value) any class or
+    function the receiving process could not import: those of ``__main__`` and of the
+    requester's own modules. Plain data never reaches ``reducer_override``'s check."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, type) or (callable(obj) and hasattr(obj, "__code__")):
+            if not _is_library(getattr(obj, "__module__", None)):
+                raise _NeedsDill
+        return NotImplemented
+
+
 def dumps_data(obj: Any) -> list[Buffer]:
     """Encode a value as ``[flag, pickle stream, *out-of-band buffers]``.
 
@@ -140,13 +152,14 @@ def dumps_data(obj: Any) -> list[Buffer]:
     """
     oob: list[pickle.PickleBuffer] = []
     try:
-        stream = pickle.dumps(obj, protocol=5, buffer_callback=oob.append)
-        if b"__main__" in stream:
-            raise _NeedsDill
+        out = io.BytesIO()
+        _DataPickler(out, protocol=5, buffer_callback=oob.append).dump(obj)
+        stream = out.getbuffer()
         flag = PICKLE
     except (pickle.PicklingError, TypeError, AttributeError, _NeedsDill):
         oob = []
-        stream = dill.dumps(obj, protocol=5, recurse=True, buffer_callback=oob.append)
+        with _BY_VALUE:
+            stream = dill.dumps(obj, protocol=5, recurse=True, buffer_callback=oob.append)
         flag = DILL
     return [flag, stream, *(buf.raw() for buf in oob)]
 

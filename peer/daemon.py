@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peer import tasks as _tasks  # noqa: F401 - loaded before slots fork, so sandboxes can use it
-from peer import wire
+from peer import tracked, wire
 from peer.api import BrokerClient, BrokerError, BrokerUnreachable
 from peer.channel import Hello, Refused, accept
 from peer.errors import PeerError, ProtocolError, SandboxError, TaskError
@@ -149,6 +149,7 @@ class Connection:
     session_id: str
     address: str
     codes: dict[str, bytes] = field(default_factory=dict)
+    shared: tracked.SharedLog = field(default_factory=tracked.SharedLog)
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
     tasks: int = 0
@@ -169,6 +170,7 @@ class Work:
     task_id: bytes
     code_id: str
     data: list[memoryview]
+    upto: int = 0
 
 
 class WorkQueue:
@@ -427,7 +429,12 @@ class PeerDaemon:
                         Kind.ERROR, [_error(parts[0], "LookupError", "no function was sent with that id")]
                     )
                     continue
-                self.queue.put(Work(conn, bytes(parts[0]), code_id, parts[2:]), slots)
+                work = Work(conn, bytes(parts[0]), code_id, parts[2:], conn.shared.revision)
+                self.queue.put(work, slots)
+            elif kind in (Kind.SHARE, Kind.DELTA):
+                # Opaque to the daemon: appended in arrival order, replayed into the
+                # sandboxes before the tasks that follow it.
+                conn.shared.append(tracked.update_from_frame(kind, payload))
             elif kind is Kind.FUNC:
                 parts = wire.unpack_buffers(payload)
                 if len(parts) != 2:
@@ -454,7 +461,13 @@ class PeerDaemon:
                     if not work.conn.alive:
                         continue
                     try:
-                        out = slot.run(work.code_id, work.conn.codes[work.code_id], work.data)
+                        out = slot.run(
+                            work.code_id,
+                            work.conn.codes[work.code_id],
+                            work.data,
+                            shared=work.conn.shared,
+                            upto=work.upto,
+                        )
                     except TaskError as exc:
                         work.conn.send(
                             Kind.ERROR, [_error(work.task_id, exc.type_name, exc.message, exc.traceback_text)]

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peer import codec, wire
+from peer import codec, tracked, wire
 from peer.api import BrokerClient
 from peer.channel import connect
 from peer.config import Account, default_broker, default_home
@@ -89,6 +89,7 @@ class _Link:
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
     done: int = 0
+    last_heard: float = field(default_factory=time.monotonic)
 
     @property
     def room(self) -> int:
@@ -109,6 +110,9 @@ class Pool(Executor):
         home: Directory with this requester's key pair (see `peer.config`).
         max_tries: Times a task may be sent before a lost worker fails it.
         window: Tasks kept in flight per slot.
+        silence: Seconds a worker with tasks in flight may stay silent (not even
+            answering pings) before it counts as lost: a peer whose network or
+            process froze without closing the connection is not waited on forever.
     """
 
     def __init__(
@@ -125,6 +129,7 @@ class Pool(Executor):
         home: Path | str | None = None,
         max_tries: int = 3,
         window: int = 4,
+        silence: float = 15.0,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -140,6 +145,7 @@ class Pool(Executor):
             self._credentials = (account.email, account.password)
         self.workers, self.min_workers, self.timeout = workers, min_workers, timeout
         self.trust_results, self.max_tries, self.window = trust_results, max_tries, window
+        self.silence = silence
         self.session_id: str | None = None
         self.rerun = 0
         self._links: list[_Link] = []
@@ -150,6 +156,10 @@ class Pool(Executor):
         self._outstanding: set[Future] = set()
         self._started = False
         self._closed = False
+        self._publisher = tracked.Publisher()
+        self._sessions: list[str] = []  # replacement sessions
+        self._replacements_left = workers
+        self._replacing = 0
 
     # -- public API -----------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
@@ -209,6 +219,33 @@ class Pool(Executor):
 
         return results()
 
+    def share(self, obj: Any) -> tracked.Handle:
+        """Send a tracked object (its class built with `peer.tracked.Tracked`) to every
+        worker once; later changes to it travel as ordered deltas ahead of the next
+        tasks. Pass the returned handle to tasks: there it is the worker's replica."""
+        self._ensure_started()
+        with self._lock:
+            handle = self._publisher.share(obj)
+            self._sync_locked()
+        return handle
+
+    def _sync_locked(self) -> None:
+        """Send every tracked-object change not yet sent to every worker (holding
+        ``self._lock``, so no task submitted after a change can overtake it)."""
+        updates = self._publisher.updates()
+        if not updates:
+            return
+        frames = [tracked.update_frame(u) for u in updates]
+        for link in self._links:
+            if not link.alive:
+                continue
+            try:
+                with link.send_lock:
+                    for kind, parts in frames:
+                        wire.write_frame(link.tls, kind, parts)
+            except (OSError, ssl.SSLError) as exc:
+                self._lost(link, f"send failed: {exc}")
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Finish (or cancel) outstanding tasks, close the channels, end the session."""
         with self._lock:
@@ -234,11 +271,12 @@ class Pool(Executor):
             except OSError:
                 pass
             _close(link.tls)
-        if self.session_id:
-            try:
-                self._client.end_session(self.session_id)
-            except PeerError as exc:
-                log.warning("could not end session %s: %s", self.session_id, exc)
+        for session_id in [self.session_id, *self._sessions]:
+            if session_id:
+                try:
+                    self._client.end_session(session_id)
+                except PeerError as exc:
+                    log.warning("could not end session %s: %s", session_id, exc)
         self._client.close()
 
     @property
@@ -317,56 +355,112 @@ class Pool(Executor):
             )
         self._connect(session["workers"])
 
-    def _connect(self, workers: list[dict[str, Any]]) -> None:
+    def _open_links(self, session_id: str, workers: list[dict[str, Any]]) -> tuple[list[_Link], list[str]]:
+        """Open channels to a session's workers in parallel; returns links and errors."""
         errors: list[str] = []
-        opened: list[_Link] = []  # list.append is atomic; the caller holds self._lock
-        threads = []
+        opened: list[_Link] = []  # list.append is atomic
 
         def open_link(worker: dict[str, Any]) -> None:
             try:
-                tls = connect(worker["address"], self.identity, self.session_id or "", worker["pubKey"])
+                tls = connect(worker["address"], self.identity, session_id, worker["pubKey"])
             except (PeerError, OSError, ssl.SSLError) as exc:
                 errors.append(f"{worker['address']}: {exc}")
                 return
             _keepalive(tls)
             opened.append(_Link(worker["id"], worker["address"], worker["slots"], tls, self.window))
 
-        for worker in workers:
-            t = threading.Thread(target=open_link, args=(worker,), daemon=True)
+        threads = [threading.Thread(target=open_link, args=(w,), daemon=True) for w in workers]
+        for t in threads:
             t.start()
-            threads.append(t)
         for t in threads:
             t.join()
-        self._links.extend(opened)
-        for link in opened:
-            threading.Thread(
-                target=self._reader, args=(link,), daemon=True, name=f"pool-{link.address}"
-            ).start()
-        if not self._links:
-            self._end_quietly()
-            raise NoWorkersError("could not connect to any worker: " + "; ".join(errors))
         for error in errors:
             log.warning("worker unavailable: %s", error)
+        return opened, errors
+
+    def _connect(self, workers: list[dict[str, Any]]) -> None:
+        opened, errors = self._open_links(self.session_id or "", workers)
+        if not opened:
+            self._end_quietly()
+            raise NoWorkersError("could not connect to any worker: " + "; ".join(errors))
+        self._adopt(opened)
+        threading.Thread(target=self._watch, daemon=True, name="pool-watchdog").start()
+        missing = sum(w["slots"] for w in workers) - sum(link.slots for link in opened)
+        if missing > 0:
+            self._replace_later(missing)
+
+    def _adopt(self, links: list[_Link]) -> None:
+        """Start using new links; a late joiner first gets every shared object."""
+        backlog = [tracked.update_frame(u) for u in self._publisher.backlog()]
+        with self._lock:
+            for link in links:
+                try:
+                    with link.send_lock:
+                        for kind, parts in backlog:
+                            wire.write_frame(link.tls, kind, parts)
+                except (OSError, ssl.SSLError):
+                    _close(link.tls)
+                    continue
+                self._links.append(link)
+                threading.Thread(
+                    target=self._reader, args=(link,), daemon=True, name=f"pool-{link.address}"
+                ).start()
+
+    def _replace_later(self, slots: int) -> None:
+        """Ask the broker, in the background, for workers to replace lost ones."""
+        with self._lock:
+            slots = min(slots, self._replacements_left)
+            if slots <= 0 or self._closed:
+                return
+            self._replacements_left -= slots
+            self._replacing += 1
+        threading.Thread(target=self._replace, args=(slots,), daemon=True, name="pool-replace").start()
+
+    def _replace(self, slots: int) -> None:
+        try:
+            created = self._client.request_pool(slots, min_workers=1, timeout=10, runtime=local_runtime())
+            with self._lock:
+                self._sessions.append(created["id"])
+            session = created
+            deadline = time.monotonic() + 20
+            while session["status"] == "pending" and time.monotonic() < deadline and not self._closed:
+                session = self._client.session(created["id"], wait=5)
+            if session["status"] not in ("matched", "partial") or self._closed:
+                return
+            opened, _ = self._open_links(created["id"], session["workers"])
+            self._adopt(opened)
+            if opened:
+                log.info("pool: %d replacement worker(s) joined", len(opened))
+            self._pump()
+        except PeerError as exc:
+            log.warning("could not get replacement workers: %s", exc)
+        finally:
+            with self._lock:
+                self._replacing -= 1
+                if not self._replacing and not any(lk.alive for lk in self._links):
+                    self._fail_queue(NoWorkersError("every worker of the pool was lost and none replaced it"))
 
     def _end_quietly(self) -> None:
-        if self.session_id:
-            try:
-                self._client.end_session(self.session_id)
-            except PeerError:
-                pass
+        for session_id in [self.session_id, *self._sessions]:
+            if session_id:
+                try:
+                    self._client.end_session(session_id)
+                except PeerError:
+                    pass
 
     # -- dispatch -------------------------------------------------------------------
     def _enqueue(self, batch: list[tuple[str, bytes, list[wire.Buffer], int]]) -> list[Future]:
         self._ensure_started()
         futures = []
         with self._lock:
+            self._sync_locked()
             for code_id, code, data, items in batch:
                 fut: Future = Future()
                 self._queue.append(_Task(next(self._ids), code_id, code, data, fut, items))
                 self._outstanding.add(fut)
                 fut.add_done_callback(self._outstanding.discard)
                 futures.append(fut)
-            if not any(link.alive for link in self._links):
+            if not any(link.alive for link in self._links) and not self._replacing:
                 self._fail_queue(NoWorkersError("every worker of the pool was lost"))
         self._pump()
         return futures
@@ -406,6 +500,7 @@ class Pool(Executor):
         try:
             while True:
                 kind, payload = wire.read_frame(link.tls)
+                link.last_heard = time.monotonic()
                 if kind is Kind.RESULT:
                     parts = wire.unpack_buffers(payload)
                     (task_id,) = TASK_ID.unpack(parts[0])
@@ -432,6 +527,30 @@ class Pool(Executor):
         except (PeerError, OSError, ssl.SSLError, ValueError) as exc:
             if link.alive:
                 self._lost(link, str(exc) or type(exc).__name__)
+
+    def _watch(self) -> None:
+        """Ping workers that owe results and have been quiet; drop the silent ones."""
+        tick = min(1.0, self.silence / 4)
+        while not self._closed:
+            time.sleep(tick)
+            now = time.monotonic()
+            for link in list(self._links):
+                if not link.alive or not link.inflight:
+                    link.last_heard = max(link.last_heard, now - tick)
+                    continue
+                quiet = now - link.last_heard
+                if quiet > self.silence:
+                    self._lost(link, f"no answer, not even to pings, for {quiet:.0f} s")
+                elif quiet > tick and link.send_lock.acquire(blocking=False):
+                    # A sender blocked on a frozen peer holds the lock: skip the ping;
+                    # the silence check above still fires and closes the socket.
+                    try:
+                        wire.write_frame(link.tls, Kind.PING, [b"?"])
+                    except (OSError, ssl.SSLError) as exc:
+                        link.send_lock.release()
+                        self._lost(link, f"ping failed: {exc}")
+                    else:
+                        link.send_lock.release()
 
     def _finish(self, link: _Link, task_id: int) -> _Task | None:
         with self._lock:
@@ -465,7 +584,9 @@ class Pool(Executor):
                 else:
                     self.rerun += 1
                     self._queue.appendleft(task)
-            if not any(lk.alive for lk in self._links):
+        self._replace_later(link.slots)
+        with self._lock:
+            if not any(lk.alive for lk in self._links) and not self._replacing:
                 self._fail_queue(NoWorkersError(f"every worker of the pool was lost (last: {reason})"))
         self._pump()
 

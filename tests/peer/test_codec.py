@@ -264,7 +264,11 @@ def test_copyreg_reconstructor_is_limited_to_allowed_types() -> None:
     assert got == {"a": 1}
     assert type(got) is collections.OrderedDict
     refused = Reducer(copyreg._reconstructor, DictSubclass, dict, {"a": 1})
+    # Written with the plain C pickler, as a hostile peer would (our encoder sends a
+    # class from a test module by value, with dill, which is refused anyway).
     with pytest.raises(UnsafeResultError, match="DictSubclass"):
+        codec.loads_data([codec.PICKLE, pickle.dumps(refused, protocol=5)], trusted=False)
+    with pytest.raises(UnsafeResultError, match="dill"):
         codec.loads_data(codec.dumps_data(refused), trusted=False)
 
 
