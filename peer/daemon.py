@@ -417,7 +417,9 @@ class PeerDaemon:
             )
 
     def _read_frames(self, conn: Connection, slots: int) -> None:
-        while not self._stop.is_set():
+        # Runs until the requester or `stop` closes the connection: while draining,
+        # results of tasks already received still go out on it.
+        while True:
             kind, payload = wire.read_frame(conn.tls)
             if kind is Kind.TASK:
                 parts = wire.unpack_buffers(payload)

@@ -1,0 +1,108 @@
+"""``python -m peer``: help, one-line errors, status, and a clean SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from scripts.stack import free_port
+from tests.pool.network import PASSWORD, PeerProcess
+
+
+def peer_cli(
+    *args: str, home=None, password: str = PASSWORD, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "peer"]
+    if home is not None:
+        argv += ["--home", str(home)]
+    env = {**os.environ, "COMPUTE_BROKER_PASSWORD": password}
+    return subprocess.run([*argv, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command", [[], ["init"], ["serve"], ["status"]])
+def test_every_command_has_help(command):
+    result = peer_cli(*command, "--help")
+    assert result.returncode == 0 and "usage: python -m peer" in result.stdout
+
+
+def _one_line_error(result: subprocess.CompletedProcess, words: str) -> None:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("peer: error:"), result.stderr
+    assert words in lines[0], lines[0]
+
+
+def test_wrong_password_is_one_line(stack, tmp_path):
+    assert (
+        peer_cli("init", "--broker", stack.url, "--email", "cli@example.org", home=tmp_path / "a").returncode
+        == 0
+    )
+    result = peer_cli(
+        "init",
+        "--broker",
+        stack.url,
+        "--email",
+        "cli@example.org",
+        home=tmp_path / "b",
+        password="not the password",
+    )
+    _one_line_error(result, "wrong password for cli@example.org")
+
+
+def test_unreachable_broker_is_one_line(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = peer_cli("init", "--broker", url, "--email", "x@example.org", home=tmp_path)
+    _one_line_error(result, f"cannot reach the broker at {url}")
+
+
+def test_serving_without_init_is_one_line(tmp_path):
+    _one_line_error(peer_cli("serve", home=tmp_path), "run `python -m peer init` first")
+
+
+def test_port_in_use_is_one_line(stack, tmp_path):
+    home = tmp_path / "busy"
+    assert peer_cli("init", "--broker", stack.url, "--email", "busy@example.org", home=home).returncode == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = peer_cli("serve", "--port", str(port), "--host", "127.0.0.1", home=home)
+    _one_line_error(result, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_status_and_sigterm_drain(stack, workdir, requester):
+    peer = PeerProcess(stack, workdir, "cli-peer", 2)
+    try:
+        status = peer_cli("status", home=peer.home)
+        assert status.returncode == 0, status.stderr
+        assert peer.email in status.stdout and "slots     2" in status.stdout
+        assert peer.client.me()["jobs"] == 2
+        os.kill(peer.process.proc.pid, signal.SIGTERM)
+        assert peer.process.proc.wait(30) == 0
+        assert "stopped after" in peer.output()
+        assert peer.client.me()["jobs"] == 0  # withdrawn from the broker
+    finally:
+        peer.stop()
+
+
+def test_sigterm_lets_running_tasks_finish(stack, workdir, requester):
+    from peer.pool import Pool
+
+    peer = PeerProcess(stack, workdir, "drain-peer", 1)  # the only peer offering slots now
+    try:
+        with Pool(1, home=requester, broker=stack.url, timeout=20) as pool:
+            assert pool.submit(abs, -1).result(30) == 1
+            assert list(pool.shares) == [peer.address]
+            future = pool.submit(time.sleep, 2)
+            time.sleep(0.5)
+            os.kill(peer.process.proc.pid, signal.SIGTERM)
+            assert future.result(30) is None  # the running task finished and was delivered
+        assert peer.process.proc.wait(30) == 0
+    finally:
+        peer.stop()
