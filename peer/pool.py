@@ -287,7 +287,8 @@ class Pool(Executor):
 
     @property
     def shares(self) -> dict[str, int]:
-        """Tasks each worker (by address) has completed."""
+        """Items (one per ``submit``, one per mapped element) each worker, by address,
+        has completed."""
         with self._lock:
             return {link.address: link.done for link in self._links}
 
@@ -556,7 +557,7 @@ class Pool(Executor):
         with self._lock:
             task = link.inflight.pop(task_id, None)
             if task is not None:
-                link.done += 1
+                link.done += task.items
             return task
 
     def _lost(self, link: _Link, reason: str) -> None:
