@@ -105,11 +105,16 @@ class LocalStack:
     """
 
     def __init__(
-        self, *, data_dir: Path | None = None, matchmakers: int = 1, env: dict[str, str] | None = None
+        self,
+        *,
+        data_dir: Path | None = None,
+        matchmakers: int = 1,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
     ) -> None:
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="compute-broker-")
         self.data_dir = data_dir or Path(self._tmp.name)  # type: ignore[union-attr]
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
@@ -156,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.stack", description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT / "var", help="default: ./var")
     parser.add_argument("--matchmakers", type=int, default=1)
+    parser.add_argument("--port", type=int, default=8000, help="API port (default: 8000)")
     args = parser.parse_args(argv)
-    with LocalStack(data_dir=args.data_dir, matchmakers=args.matchmakers) as stack:
+    with LocalStack(data_dir=args.data_dir, matchmakers=args.matchmakers, port=args.port) as stack:
         print(f"Compute Broker API on {stack.url} (logs in {stack.data_dir}); Ctrl-C stops it.", flush=True)
         try:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
