@@ -165,13 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with LocalStack(data_dir=args.data_dir, matchmakers=args.matchmakers, port=args.port) as stack:
         print(f"Compute Broker API on {stack.url} (logs in {stack.data_dir}); Ctrl-C stops it.", flush=True)
-        try:
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        except KeyboardInterrupt:
-            pass
+        while not stopping:
+            time.sleep(0.2)
     return 0
 
 
+stopping: list[int] = []
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    stopping.append(signum)
+
+
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    # Handlers, not a blocked mask: children inherit a blocked mask and would then
+    # ignore the SIGTERM that stops them.
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     sys.exit(main())
