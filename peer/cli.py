@@ -108,6 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=limits,
         scratch=scratch,
         heartbeat=args.heartbeat,
+        lease=args.lease,
         relogin=relogin,
     )
     stopping = []
@@ -168,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-seconds", type=int, default=300, help="CPU seconds per sandbox process")
     p.add_argument("--task-timeout", type=float, default=300.0, help="wall-clock seconds per task")
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats")
+    p.add_argument(
+        "--lease",
+        type=float,
+        default=60.0,
+        help="leave a session after this long with no requester connected",
+    )
     p.add_argument("--drain", type=float, default=30.0, help="seconds to finish running tasks on exit")
     p.add_argument("--scratch", help="directory for the slots' scratch space (default: a temp dir)")
     p.set_defaults(func=cmd_serve)

@@ -253,6 +253,10 @@ class PeerDaemon:
         limits: Sandbox limits of each slot.
         scratch: Directory for the slots' scratch directories.
         heartbeat: Seconds between heartbeats (keep under the broker's interval).
+        lease: Seconds a session this peer works for may go without any connection
+            from its requester before the peer leaves it, freeing its slots for
+            others (a requester that vanished does not hold them forever; the session
+            record itself stays until its owner deletes it).
     """
 
     def __init__(
@@ -267,6 +271,7 @@ class PeerDaemon:
         limits: Limits | None = None,
         scratch: Path,
         heartbeat: float = 5.0,
+        lease: float = 60.0,
         relogin: Callable[[], None] | None = None,
     ) -> None:
         self.identity = identity
@@ -275,6 +280,8 @@ class PeerDaemon:
         self.limits = limits or Limits()
         self.scratch = Path(scratch)
         self.heartbeat_interval = heartbeat
+        self.lease = lease
+        self._idle_since: dict[str, float] = {}
         self._relogin = relogin
         self.authorizer = Authorizer(client)
         self.queue = WorkQueue()
@@ -368,8 +375,31 @@ class PeerDaemon:
         while not self._stop.wait(self.heartbeat_interval):
             try:
                 self._broker(self.client.heartbeat)
+                self._expire_leases()
             except PeerError as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    def _expire_leases(self) -> None:
+        """Leave open sessions whose requester has had no connection for ``lease`` s."""
+        sessions = self._broker(self.client.sessions)
+        assert isinstance(sessions, list)
+        now = time.monotonic()
+        with self._conns_lock:
+            connected = {c.session_id for c in self._conns if c.alive}
+        mine = {s["id"] for s in sessions if s["role"] == "member" and s["status"] in OPEN}
+        for sid in list(self._idle_since):
+            if sid not in mine or sid in connected:
+                del self._idle_since[sid]
+        for sid in mine - connected:
+            since = self._idle_since.setdefault(sid, now)
+            if now - since >= self.lease:
+                try:
+                    self._broker(lambda sid=sid: self.client.leave_session(sid))
+                    log.info("session %s: no requester for %.0f s; left it (lease)", sid[:8], now - since)
+                except BrokerError as exc:
+                    if exc.status != 404:
+                        raise
+                self._idle_since.pop(sid, None)
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -60,3 +61,43 @@ def test_frozen_peer_is_detected_by_silence_not_waited_on(make_pool, peers):
         finally:
             freezer.join()
             os.killpg(pgid, signal.SIGCONT)
+
+
+def test_vanished_requester_stops_holding_the_peer_after_its_lease(stack, workdir, requester, peers):
+    """The requester's process dies without ending its session: after the lease the
+    peer leaves the session (its slot goes back to the broker); the session record
+    stays until its owner deletes it."""
+    from peer.api import BrokerClient
+    from peer.config import Account
+    from peer.pool import Pool
+    from tests.pool.network import PeerProcess
+
+    for p in peers:
+        if p.process.proc.poll() is None:
+            p.client.set_jobs(0)
+    leasing = PeerProcess(stack, workdir, "leasing", 1, "--lease", "2", "--heartbeat", "0.5")
+    try:
+        pool = Pool(1, home=requester, broker=stack.url, timeout=20)
+        assert pool.submit(abs, -2).result(30) == 2
+        session_id = pool.session_id
+        for link in pool._links:  # the requester vanishes: connections drop, no DELETE
+            link.alive = False
+            link.tls.shutdown(socket.SHUT_RDWR)  # what the kernel does when a process dies
+            link.tls.close()
+        pool._closed = True
+        owner = BrokerClient(stack.url, Account.load(requester).token)
+        deadline = time.monotonic() + 20
+        while owner.session(session_id)["workers"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        session = owner.session(session_id)
+        assert session["workers"] == [] and session["status"] in ("matched", "partial")
+        assert "left it (lease)" in leasing.output()
+        with Pool(1, home=requester, broker=stack.url, timeout=20) as again:  # the slot is free again
+            assert again.submit(abs, -3).result(30) == 3
+            assert list(again.shares) == [leasing.address]
+        owner.end_session(session_id)
+    finally:
+        leasing.stop()
+        for p in peers:
+            if p.process.proc.poll() is None:
+                p.client.set_jobs(1)
