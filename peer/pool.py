@@ -128,7 +128,7 @@ class Pool(Executor):
         trust_results: bool = False,
         home: Path | str | None = None,
         max_tries: int = 3,
-        window: int = 4,
+        window: int = 8,
         silence: float = 15.0,
     ) -> None:
         if workers < 1:
@@ -486,14 +486,14 @@ class Pool(Executor):
     def _send(self, link: _Link, tasks: list[_Task]) -> None:
         try:
             with link.send_lock:
+                frames: list[tuple[Kind, list[wire.Buffer]]] = []
                 for task in tasks:
                     if task.code_id not in link.sent_codes:
-                        wire.write_frame(
-                            link.tls, Kind.FUNC, wire.pack_buffers([task.code_id.encode(), task.code])
-                        )
+                        frames.append((Kind.FUNC, wire.pack_buffers([task.code_id.encode(), task.code])))
                         link.sent_codes.add(task.code_id)
                     head = [TASK_ID.pack(task.id), task.code_id.encode()]
-                    wire.write_frame(link.tls, Kind.TASK, wire.pack_buffers([*head, *task.data]))
+                    frames.append((Kind.TASK, wire.pack_buffers([*head, *task.data])))
+                wire.write_frames(link.tls, frames)
         except (OSError, ssl.SSLError) as exc:
             self._lost(link, f"send failed: {exc}")
 
@@ -524,7 +524,10 @@ class Pool(Executor):
                     continue
                 else:
                     raise ProtocolError(f"unexpected {kind.name} frame from a worker")
-                self._pump()
+                if not link.inflight or link.room * 2 >= link.slots * link.window:
+                    # Refill in batches of half a window: one TLS write for several
+                    # tasks instead of one per result.
+                    self._pump()
         except (PeerError, OSError, ssl.SSLError, ValueError) as exc:
             if link.alive:
                 self._lost(link, str(exc) or type(exc).__name__)

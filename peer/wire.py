@@ -60,16 +60,29 @@ def write_frame(sock: socket.socket, kind: Kind, payload_parts: Sequence[Buffer]
     copied into a joined buffer; small parts are joined with the header first to
     keep the syscall count down for the many tiny frames of a busy session.
     """
-    views = [memoryview(part).cast("B") for part in payload_parts]
-    length = sum(view.nbytes for view in views)
-    pending: list[Buffer] = [HEADER.pack(MAGIC, VERSION, int(kind), length)]
-    for view in views:
-        if view.nbytes < _COALESCE:
-            pending.append(view)
-            continue
-        sock.sendall(b"".join(pending))
-        pending = []
-        sock.sendall(view)
+    write_frames(sock, [(kind, payload_parts)])
+
+
+def write_frames(sock: socket.socket, frames: Sequence[tuple[Kind, Sequence[Buffer]]]) -> None:
+    """Send several frames, joining small ones into as few writes as possible: over
+    TLS each write is a record and a syscall, which dominates for tiny tasks."""
+    pending: list[Buffer] = []
+    size = 0
+    for kind, payload_parts in frames:
+        views = [memoryview(part).cast("B") for part in payload_parts]
+        pending.append(HEADER.pack(MAGIC, VERSION, int(kind), sum(view.nbytes for view in views)))
+        size += HEADER.size
+        for view in views:
+            if view.nbytes < _COALESCE:
+                pending.append(view)
+                size += view.nbytes
+                continue
+            sock.sendall(b"".join(pending))
+            pending, size = [], 0
+            sock.sendall(view)
+        if size >= _COALESCE:
+            sock.sendall(b"".join(pending))
+            pending, size = [], 0
     if pending:
         sock.sendall(b"".join(pending))
 
