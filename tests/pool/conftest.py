@@ -11,7 +11,7 @@ import pytest
 
 from peer.pool import Pool
 from scripts.stack import LocalStack
-from tests.pool.network import PASSWORD, PeerProcess, init_account
+from tests.pool.network import PeerProcess, init_account
 
 
 @pytest.fixture(scope="module")
@@ -59,4 +59,9 @@ def make_pool(stack: LocalStack, requester: Path, peers: list[PeerProcess]) -> I
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["PASSWORD"]
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Peer tests use their own stack (SQLite in its data dir), so the PostgreSQL run
+    of CI (``-m "not slow"``) would only repeat them: mark them slow."""
+    for item in items:
+        if "tests/pool/" in str(item.fspath):
+            item.add_marker(pytest.mark.slow)
