@@ -38,7 +38,7 @@ class TokenVersions:
         cached = self._conn.get(_key(user_id))
         if cached is not None:
             return int(cached)
-        user = User.get_or_none(User.id == user_id)
+        user = User.by_id(user_id)
         version = user.token_version if user else 0
         self._conn.set(_key(user_id), version, ex=self._ttl)
         return version

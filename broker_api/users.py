@@ -13,7 +13,7 @@ from broker_api import schemas
 from broker_api.auth import TokenVersions
 from broker_api.availability import Availability
 from broker_api.bodies import read_json
-from broker_api.exceptions import Conflict, Forbidden, InvalidRequest, Unauthorized
+from broker_api.exceptions import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
 from broker_api.models import Member, Session, User, db
 from broker_api.passwords import DUMMY_HASH, hash_password, verify_password
 from broker_api.settings import Settings
@@ -51,6 +51,14 @@ def _check_address(address: str) -> str:
 
 def _normalize_email(email: str) -> str:
     return email.strip().lower()
+
+
+def _me(req: falcon.Request) -> User:
+    """The caller's account (it existed when the token was checked, a moment ago)."""
+    user = User.by_id(req.context.caller.user_id)
+    if user is None:
+        raise NotFound("no such account")
+    return user
 
 
 class UsersResource:
@@ -120,13 +128,13 @@ class MeResource:
         self._availability = availability
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = user_view(User.get_by_id(req.context.caller.user_id))
+        resp.media = user_view(_me(req))
 
     def on_patch(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_json(req, schemas.UPDATE_USER, max_bytes=self._settings.max_body_bytes)
         if set(body) == {"currentPassword"}:
             raise InvalidRequest("nothing to update: give pubKey, address or password")
-        user = User.get_by_id(req.context.caller.user_id)
+        user = _me(req)
         if "pubKey" in body:
             user.pub_key = _check_pub_key(body["pubKey"])
         if "address" in body:
@@ -177,7 +185,7 @@ class JobsResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_json(req, schemas.SET_JOBS, max_bytes=self._settings.max_body_bytes, optional=True)
-        user = User.get_by_id(req.context.caller.user_id)
+        user = _me(req)
         user.jobs = int(body.get("jobs", 1))
         if "runtime" in body:
             user.runtime = json.dumps(body["runtime"], sort_keys=True)
@@ -198,5 +206,5 @@ class HeartbeatResource:
         self._availability = availability
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self._availability.announce(User.get_by_id(req.context.caller.user_id))
+        self._availability.announce(_me(req))
         resp.status = falcon.HTTP_204
