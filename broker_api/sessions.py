@@ -35,16 +35,25 @@ def _check_id(session_id: str) -> None:
         raise NotFound("no such session")
 
 
-def session_view(session: Session, viewer_id: str) -> dict[str, Any]:
-    """A session as its owner (all workers) or a member (only itself) sees it."""
+def session_view(session: Session, viewer_id: str, *, new: bool = False) -> dict[str, Any]:
+    """A session as its owner (all workers) or a member (only itself) sees it.
+
+    ``new``: the session was just created by the viewer, so it has no workers yet (its
+    members are not queried).
+    """
     role = "owner" if session.owner_id == viewer_id else "member"
-    rows = Member.select(Member, User).join(User).where(Member.session == session.id).order_by(User.id)
-    if role == "member":
-        rows = rows.where(Member.user == viewer_id)
-    owner = User.get_by_id(session.owner_id)
-    workers = [
-        {"id": m.user.id, "address": m.user.address, "pubKey": m.user.pub_key, "slots": m.slots} for m in rows
-    ]
+    owner = User.by_id(session.owner_id)
+    if owner is None:
+        raise NotFound("no such session")
+    workers = []
+    if not new:
+        rows = Member.select(Member, User).join(User).where(Member.session == session.id).order_by(User.id)
+        if role == "member":
+            rows = rows.where(Member.user == viewer_id)
+        workers = [
+            {"id": m.user.id, "address": m.user.address, "pubKey": m.user.pub_key, "slots": m.slots}
+            for m in rows
+        ]
     return {
         "id": session.id,
         "status": session.status,
@@ -109,7 +118,7 @@ class SessionsResource:
             raise Unavailable("the matchmaker queue cannot be reached; retry shortly") from None
         resp.status = falcon.HTTP_202
         resp.location = f"/v1/sessions/{session.id}"
-        resp.media = session_view(session, req.context.caller.user_id)
+        resp.media = session_view(session, req.context.caller.user_id, new=True)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         user_id = req.context.caller.user_id
