@@ -349,7 +349,7 @@ class PeerDaemon:
             conns = list(self._conns)
         for conn in conns:
             conn.send(Kind.BYE, [])
-            _close(conn.tls)
+            wire.close_quietly(conn.tls)
         for thread in self._threads:
             thread.join(10)
         for fd in self._uid_locks:
@@ -415,11 +415,11 @@ class PeerDaemon:
             tls, hello = accept(sock, self.identity, self.authorizer)
         except Refused as exc:
             log.info("refused %s: %s", address, exc)
-            _close(sock)
+            wire.close_quietly(sock)
             return
         except (ProtocolError, OSError, ssl.SSLError) as exc:
             log.info("handshake with %s failed: %s", address, exc)
-            _close(sock)
+            wire.close_quietly(sock)
             return
         grant = self.authorizer.grant(hello.session_id)
         slots = grant.slots if not isinstance(grant, str) else 1
@@ -437,7 +437,7 @@ class PeerDaemon:
             dropped = self.queue.drop(conn)
             with self._conns_lock:
                 self._conns.discard(conn)
-            _close(tls)
+            wire.close_quietly(tls)
             log.info(
                 "session %s: %s disconnected after %d task(s)%s",
                 hello.session_id[:8],
@@ -517,14 +517,3 @@ class PeerDaemon:
 def _error(task_id: bytes | memoryview, type_name: str, message: str, tb: str = "") -> bytes:
     (number,) = TASK_ID.unpack(task_id)
     return wire.encode_json({"task": number, "type": type_name, "message": message, "traceback": tb})
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass

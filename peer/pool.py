@@ -270,7 +270,7 @@ class Pool(Executor):
                     wire.write_frame(link.tls, Kind.BYE, [])
             except OSError:
                 pass
-            _close(link.tls)
+            wire.close_quietly(link.tls)
         for session_id in [self.session_id, *self._sessions]:
             if session_id:
                 try:
@@ -400,7 +400,7 @@ class Pool(Executor):
                         for kind, parts in backlog:
                             wire.write_frame(link.tls, kind, parts)
                 except (OSError, ssl.SSLError):
-                    _close(link.tls)
+                    wire.close_quietly(link.tls)
                     continue
                 self._links.append(link)
                 threading.Thread(
@@ -572,7 +572,7 @@ class Pool(Executor):
             unfinished = sorted(link.inflight.values(), key=lambda t: t.id, reverse=True)
             link.inflight.clear()
             closed = self._closed
-        _close(link.tls)
+        wire.close_quietly(link.tls)
         if closed:
             return
         log.warning("worker %s lost (%s); re-running %d task(s)", link.address, reason, len(unfinished))
@@ -616,14 +616,3 @@ def _keepalive(sock: socket.socket) -> None:
     for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, name):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
-        sock.close()
-    except OSError:
-        pass

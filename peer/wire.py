@@ -53,6 +53,20 @@ class Kind(IntEnum):
     BYE = 12  # orderly close
 
 
+def close_quietly(sock: socket.socket) -> None:
+    """Shut a socket down and close it, ignoring errors: ``shutdown`` first, because a
+    plain ``close`` does not wake another thread blocked reading it, nor tell the other
+    side at once."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
 def write_frame(sock: socket.socket, kind: Kind, payload_parts: Sequence[Buffer] = ()) -> None:
     """Send one frame whose payload is the concatenation of ``payload_parts``.
 

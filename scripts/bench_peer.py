@@ -473,34 +473,11 @@ def _recv_into(sock: ssl.SSLSocket, view: memoryview) -> int:
 
 
 def _self_signed(workdir: Path) -> tuple[Path, Path]:
-    """A self-signed P-256 certificate (the peers' key type), as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    """A self-signed P-256 certificate, the peers' own kind (`peer.identity`), as PEM files."""
+    from peer.identity import Identity
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = workdir / "tls-cert.pem", workdir / "tls-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
+    identity = Identity.create(workdir / "raw-tls")
+    return identity.cert_path, identity.key_path
 
 
 # -- running rounds and collecting figures ----------------------------------------------
