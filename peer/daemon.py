@@ -487,11 +487,16 @@ class PeerDaemon:
             self._slots_ready.abort()
             return
         self._slots_ready.wait()
+        last_session: str | None = None
         with slot:
             while (work := self.queue.take()) is not None:
                 try:
                     if not work.conn.alive:
                         continue
+                    if work.conn.session_id != last_session:
+                        if last_session is not None:
+                            slot.recycle()  # nothing one session's tasks left may reach another's
+                        last_session = work.conn.session_id
                     try:
                         out = slot.run(
                             work.code_id,

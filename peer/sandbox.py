@@ -278,6 +278,16 @@ class Slot:
         if child.shared_token == shared.token:
             child.shared_revision = max(child.shared_revision, revision)
 
+    def recycle(self) -> None:
+        """Replace the child with a fresh one and wipe the scratch directory.
+
+        The daemon calls this before a task of another session than the last one: a
+        task can leave state behind (patched modules, globals, files, processes) that
+        another requester's tasks must never see or be affected by.
+        """
+        if self._child is not None:
+            self._replace(self._child)
+
     def close(self) -> None:
         """Kill the child and everything it started; the slot cannot be used after."""
         if self._child is not None:

@@ -96,3 +96,43 @@ def test_task_that_kills_its_sandbox_every_time_fails_instead_of_looping(make_po
                 fut.result(60)
         assert pool.rerun == 0
         assert pool.submit(abs, -9).result(30) == 9
+
+
+def leave_traces():
+    import builtins
+
+    builtins.planted_by_another_session = "secret"
+    with open("left-behind.txt", "w") as f:
+        f.write("secret")
+    return sorted(os.listdir("."))
+
+
+def look_for_traces():
+    import builtins
+
+    return hasattr(builtins, "planted_by_another_session"), sorted(os.listdir("."))
+
+
+def test_one_session_leaves_nothing_for_the_next(stack, workdir, requester, peers):
+    """Two requesters in turn on the same slot: the second sees a fresh interpreter
+    and an empty scratch directory, not what the first one's tasks left behind."""
+    from peer.pool import Pool
+    from tests.pool.network import PeerProcess, init_account
+
+    for p in peers:
+        p.client.set_jobs(0)
+    shared_peer = PeerProcess(stack, workdir, "shared-slot", 1)
+    other = workdir / "second-requester"
+    init_account(stack, other, "second-requester@example.org")
+    try:
+        with Pool(1, home=requester, broker=stack.url, timeout=20) as first:
+            assert first.submit(leave_traces).result(30) == ["left-behind.txt"]
+            assert first.submit(look_for_traces).result(30) == (True, ["left-behind.txt"])
+        with Pool(1, home=other, broker=stack.url, timeout=20) as second:
+            assert second.submit(look_for_traces).result(30) == (False, [])
+            assert list(second.shares) == [shared_peer.address]
+    finally:
+        shared_peer.stop()
+        for p in peers:
+            if p.process.proc.poll() is None:
+                p.client.set_jobs(1)
