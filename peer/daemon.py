@@ -153,6 +153,7 @@ class Connection:
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
     tasks: int = 0
+    opened: float = field(default_factory=time.monotonic)
 
     def send(self, kind: Kind, parts: list[wire.Buffer]) -> None:
         if not self.alive:
@@ -380,13 +381,22 @@ class PeerDaemon:
                 log.warning("heartbeat failed: %s", exc)
 
     def _expire_leases(self) -> None:
-        """Leave open sessions whose requester has had no connection for ``lease`` s."""
+        """Leave open sessions whose requester has had no connection for ``lease`` s, and
+        drop connections of sessions that are no longer open."""
+        asked = time.monotonic()
         sessions = self._broker(self.client.sessions)
         assert isinstance(sessions, list)
         now = time.monotonic()
         with self._conns_lock:
             connected = {c.session_id for c in self._conns if c.alive}
         mine = {s["id"] for s in sessions if s["role"] == "member" and s["status"] in OPEN}
+        # A session ended (or left) at the broker stops here too: its connections close.
+        with self._conns_lock:
+            ended = [c for c in self._conns if c.alive and c.session_id not in mine and c.opened < asked]
+        for conn in ended:
+            log.info("session %s: no longer open at the broker; closing its connection", conn.session_id[:8])
+            conn.alive = False
+            wire.close_quietly(conn.tls)
         for sid in list(self._idle_since):
             if sid not in mine or sid in connected:
                 del self._idle_since[sid]

@@ -100,3 +100,30 @@ def test_vanished_requester_stops_holding_the_peer_after_its_lease(stack, workdi
         for p in peers:
             if p.process.proc.poll() is None:
                 p.client.set_jobs(1)
+
+
+def test_session_ended_at_the_broker_closes_its_connections(stack, workdir, requester, peers):
+    """The owner ends the session with the API while the pool is connected: the peer
+    notices at its next check and stops serving that session."""
+    from peer.api import BrokerClient
+    from peer.config import Account
+    from peer.pool import Pool
+    from tests.pool.network import PeerProcess
+
+    for p in peers:
+        p.client.set_jobs(0)
+    peer = PeerProcess(stack, workdir, "ending", 1, "--heartbeat", "0.5")
+    try:
+        pool = Pool(1, home=requester, broker=stack.url, timeout=20)
+        assert pool.submit(abs, -4).result(30) == 4
+        BrokerClient(stack.url, Account.load(requester).token).end_session(pool.session_id)
+        deadline = time.monotonic() + 15
+        while "no longer open at the broker" not in peer.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "no longer open at the broker" in peer.output()
+        pool.shutdown(wait=False, cancel_futures=True)
+    finally:
+        peer.stop()
+        for p in peers:
+            if p.process.proc.poll() is None:
+                p.client.set_jobs(1)
