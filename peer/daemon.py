@@ -197,8 +197,14 @@ class WorkQueue:
             self._queues[sid].append(work)
             self._cond.notify()
 
-    def take(self) -> Work | None:
-        """The next runnable task (round-robin over sessions), or None once closed."""
+    def take(self, idle: Callable[[], None] | None = None) -> Work | None:
+        """The next runnable task (round-robin over sessions), or None once closed.
+
+        ``idle`` is called (without the lock) once each time the caller would have to
+        wait, so a slot can prepare a fresh sandbox while nothing is queued instead
+        of in front of the next task.
+        """
+        prepared = False
         with self._cond:
             while True:
                 for _ in range(len(self._order)):
@@ -211,7 +217,16 @@ class WorkQueue:
                         return queue.popleft()
                 if self._closed:
                     return None
+                if idle is not None and not prepared:
+                    self._cond.release()
+                    try:
+                        idle()
+                    finally:
+                        self._cond.acquire()
+                    prepared = True
+                    continue  # look again: work may have come meanwhile
                 self._cond.wait()
+                prepared = False
 
     def done(self, work: Work) -> None:
         with self._cond:
@@ -233,6 +248,11 @@ class WorkQueue:
             dropped = len(queue) - len(kept)
             self._queues[conn.session_id] = kept
             return dropped
+
+    def wake(self) -> None:
+        """Let idle slots look around again (a connection closed: time to recycle)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def pending(self) -> int:
         with self._cond:
@@ -447,6 +467,7 @@ class PeerDaemon:
             dropped = self.queue.drop(conn)
             with self._conns_lock:
                 self._conns.discard(conn)
+            self.queue.wake()  # idle slots may now replace a child that served this session
             wire.close_quietly(tls)
             log.info(
                 "session %s: %s disconnected after %d task(s)%s",
@@ -498,8 +519,20 @@ class PeerDaemon:
             return
         self._slots_ready.wait()
         last_session: str | None = None
+
+        def prepare() -> None:
+            """While idle, replace a child that served a session now disconnected."""
+            nonlocal last_session
+            if last_session is None:
+                return
+            with self._conns_lock:
+                connected = any(c.alive and c.session_id == last_session for c in self._conns)
+            if not connected:
+                slot.recycle()
+                last_session = None
+
         with slot:
-            while (work := self.queue.take()) is not None:
+            while (work := self.queue.take(idle=prepare)) is not None:
                 try:
                     if not work.conn.alive:
                         continue
