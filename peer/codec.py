@@ -234,15 +234,41 @@ _SAFE_TYPES: frozenset[type] = frozenset(
 )
 
 _NUMPY_GLOBALS = {
-    ("numpy", "ndarray"),
     ("numpy", "dtype"),
-    ("numpy._core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "scalar"),
     ("numpy._core.numeric", "_frombuffer"),
-    ("numpy.core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy.core.numeric", "_frombuffer"),
 }
+_NUMPY_RECONSTRUCT = {("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")}
+
+
+class _NdarrayToken:
+    """What ``numpy.ndarray`` resolves to in an untrusted result.
+
+    numpy pickles arrays as ``_reconstruct(ndarray, shape, dtype)`` and needs the class
+    only as that first argument. Calling ``ndarray(shape, dtype, buffer)`` directly
+    would let a peer build an object array whose pointers are bytes it chose (memory
+    corruption on the requester), so the class itself is never handed out.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafeResultError("refusing to call numpy.ndarray directly in an untrusted result")
+
+
+_NDARRAY = _NdarrayToken()
+
+
+def _safe_numpy_reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+    """Stand in for numpy's ``_reconstruct``: plain ndarrays of non-object dtypes only
+    (their contents then come through ``__setstate__``, which numpy checks)."""
+    import numpy
+
+    if subtype is not _NDARRAY:
+        raise UnsafeResultError("refusing numpy _reconstruct of anything but numpy.ndarray")
+    if numpy.dtype(dtype).hasobject:
+        raise UnsafeResultError("refusing a numpy array of Python objects in an untrusted result")
+    return numpy._core.multiarray._reconstruct(numpy.ndarray, shape, dtype)
 
 
 def _type_of_singleton(*args: Any) -> type:
@@ -270,6 +296,10 @@ class _DataUnpickler(pickle.Unpickler):
             return _type_of_singleton
         if (module, name) == ("copyreg", "_reconstructor"):
             return _safe_reconstructor
+        if (module, name) == ("numpy", "ndarray"):
+            return _NDARRAY
+        if (module, name) in _NUMPY_RECONSTRUCT:
+            return _safe_numpy_reconstruct
         if (module, name) in _NUMPY_GLOBALS:
             return super().find_class(module, name)
         if module == "numpy.dtypes" and name.endswith("DType"):

@@ -312,3 +312,43 @@ def test_format_exception_names_non_builtin_types_and_clips() -> None:
     assert info["type"] == "peer.errors.UnsafeResultError"
     assert len(info["message"]) < 10_000
     assert len(wire.encode_json(info)) < wire.JSON_LIMIT
+
+
+class _RawNdarray:
+    """``numpy.ndarray((1,), object, buffer)``: an object array whose pointers are bytes
+    the sender chose; reading it would dereference them (memory corruption)."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((1,), np.dtype("O"), bytearray(b"AAAAAAAA")))
+
+
+class _ObjectReconstruct:
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (1,), np.dtype("O")))
+
+
+@pytest.mark.parametrize(
+    "hostile", [_RawNdarray(), _ObjectReconstruct()], ids=["ndarray-call", "object-dtype"]
+)
+def test_numpy_constructors_cannot_build_object_arrays_from_untrusted_bytes(hostile) -> None:
+    stream = pickle.dumps(hostile, protocol=5)
+    with pytest.raises(UnsafeResultError):
+        codec.loads_data([codec.PICKLE, stream], trusted=False)
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(10),
+        np.zeros((3, 4), dtype=np.float32),
+        np.asfortranarray(np.arange(6).reshape(2, 3)),
+        np.array(["a", "bb"]),
+        np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),
+    ],
+)
+def test_ordinary_arrays_still_decode_in_band_and_out_of_band(arr) -> None:
+    for buffers in (codec.dumps_data(arr), [codec.PICKLE, pickle.dumps(arr, protocol=4)]):
+        out = codec.loads_data(buffers, trusted=False)
+        assert out.dtype == arr.dtype and np.array_equal(out, arr)
