@@ -554,6 +554,12 @@ class PeerDaemon:
                         )
                     except SandboxError as exc:
                         work.conn.send(Kind.ERROR, [_error(work.task_id, "SandboxError", str(exc))])
+                    except Exception as exc:  # a slot thread must never die
+                        log.exception("slot %d: unexpected failure; replacing its sandbox", index)
+                        work.conn.send(
+                            Kind.ERROR, [_error(work.task_id, "SandboxError", f"peer failure: {exc!r}")]
+                        )
+                        slot.recycle()
                     else:
                         work.conn.send(Kind.RESULT, wire.pack_buffers([work.task_id, *out]))
                     work.conn.tasks += 1

@@ -310,11 +310,15 @@ class Slot:
                 return result
             if kind is Kind.ERROR:
                 info = wire.decode_json(payload, limit=_ERROR_LIMIT)
-                cpu, dirty = float(info.get("cpu", 0.0)), bool(info.get("dirty", True))
+                # The child runs the requester's code, which can write its own frames:
+                # nothing in this message is trusted to have the right type.
+                raw_cpu = info.get("cpu", 0.0)
+                cpu = float(raw_cpu) if isinstance(raw_cpu, int | float) else float("inf")
+                dirty = info.get("dirty", True) is not False
                 self._recycle_if_due(child, cpu, dirty)
                 raise TaskError.from_dict(info)
             raise ProtocolError(f"sandbox sent an unexpected {kind.name} frame")
-        except (ProtocolError, struct.error, ValueError) as exc:
+        except (ProtocolError, struct.error, ValueError, TypeError, OverflowError) as exc:
             raise TaskError("SandboxDied", self._replace(child, exc)) from None
 
     def _recycle_if_due(self, child: _Child, cpu: float, dirty: bool) -> None:

@@ -372,3 +372,32 @@ def test_without_root_a_user_namespace_cuts_the_network() -> None:
 def test_memory_limit_below_the_daemons_own_size_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SandboxError, match=r"Limits\.memory .* below"):
         Slot(Limits(memory=64 * 1024**2), 0, tmp_path)
+
+
+def test_task_forging_its_own_error_frame_cannot_break_the_slot(slot: Slot) -> None:
+    """Task code can write frames on the sandbox's socket itself; a forged ERROR with
+    fields of the wrong types must not escape `Slot.run` as anything but a TaskError."""
+
+    def forge() -> None:
+        import json
+        import os
+        import socket as sk
+        import stat
+
+        from peer import wire
+
+        for fd in range(3, 256):
+            try:
+                if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    continue
+                s = sk.socket(fileno=os.dup(fd))
+                body = json.dumps({"type": "X", "message": [], "cpu": None, "dirty": "no"}).encode()
+                wire.write_frame(s, wire.Kind.ERROR, [body])
+                s.detach()
+            except OSError:
+                continue
+        os._exit(0)
+
+    with pytest.raises(TaskError):
+        run(slot, forge)
+    assert_serves(slot)
