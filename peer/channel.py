@@ -192,3 +192,12 @@ def connect(
     except BaseException:
         sock.close()
         raise
+
+
+def keepalive(sock: socket.socket) -> None:
+    """TCP keepalive probes after 5 s idle: a party whose host or network vanished
+    without closing the connection is noticed in about 20 s, not hours."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)

@@ -32,7 +32,7 @@ from pathlib import Path
 from peer import tasks as _tasks  # noqa: F401 - loaded before slots fork, so sandboxes can use it
 from peer import tracked, wire
 from peer.api import BrokerClient, BrokerError, BrokerUnreachable
-from peer.channel import Hello, Refused, accept
+from peer.channel import Hello, Refused, accept, keepalive
 from peer.errors import PeerError, ProtocolError, SandboxError, TaskError
 from peer.identity import Identity, normalize_public_key
 from peer.runtime import local_runtime
@@ -43,6 +43,13 @@ log = logging.getLogger("peer")
 
 TASK_ID = struct.Struct("!Q")
 OPEN = ("matched", "partial")
+#: Per connection: tasks waiting or running, and bytes they hold; functions kept. A
+#: requester's own pool keeps slots x window tasks in flight, far below these; past
+#: them a connection is cut rather than let one requester exhaust the daemon's memory.
+MAX_QUEUED_TASKS = 4096
+MAX_QUEUED_BYTES = 1024**3
+MAX_FUNCTIONS = 1024
+MAX_FUNCTION_BYTES = 256 * 1024**2
 AUTH_CACHE_SECONDS = 15.0
 
 
@@ -154,6 +161,10 @@ class Connection:
     alive: bool = True
     tasks: int = 0
     opened: float = field(default_factory=time.monotonic)
+    queued: int = 0
+    queued_bytes: int = 0
+    code_bytes: int = 0
+    count_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, kind: Kind, parts: list[wire.Buffer]) -> None:
         if not self.alive:
@@ -172,6 +183,7 @@ class Work:
     code_id: str
     data: list[memoryview]
     upto: int = 0
+    size: int = 0
 
 
 class WorkQueue:
@@ -369,7 +381,14 @@ class PeerDaemon:
         with self._conns_lock:
             conns = list(self._conns)
         for conn in conns:
-            conn.send(Kind.BYE, [])
+            if conn.write_lock.acquire(timeout=1.0):  # a requester that stopped reading gets no BYE
+                try:
+                    wire.write_frame(conn.tls, Kind.BYE, [])
+                except (OSError, ssl.SSLError):
+                    pass
+                finally:
+                    conn.write_lock.release()
+            conn.alive = False
             wire.close_quietly(conn.tls)
         for thread in self._threads:
             thread.join(10)
@@ -438,6 +457,7 @@ class PeerDaemon:
             except OSError:
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keepalive(sock)  # a vanished requester must not hold its session's slots
             self._spawn(self._serve_connection, sock, f"{addr[0]}:{addr[1]}", name=f"conn-{addr[1]}")
 
     def _serve_connection(self, sock: socket.socket, address: str) -> None:
@@ -492,7 +512,12 @@ class PeerDaemon:
                         Kind.ERROR, [_error(parts[0], "LookupError", "no function was sent with that id")]
                     )
                     continue
-                work = Work(conn, bytes(parts[0]), code_id, parts[2:], conn.shared.revision)
+                if conn.queued >= MAX_QUEUED_TASKS or conn.queued_bytes + len(payload) > MAX_QUEUED_BYTES:
+                    raise ProtocolError("too many tasks queued on one connection")
+                work = Work(conn, bytes(parts[0]), code_id, parts[2:], conn.shared.revision, len(payload))
+                with conn.count_lock:
+                    conn.queued += 1
+                    conn.queued_bytes += work.size
                 self.queue.put(work, slots)
             elif kind in (Kind.SHARE, Kind.DELTA):
                 # Opaque to the daemon: appended in arrival order, replayed into the
@@ -502,6 +527,9 @@ class PeerDaemon:
                 parts = wire.unpack_buffers(payload)
                 if len(parts) != 2:
                     raise ProtocolError("FUNC needs a code id and the code")
+                conn.code_bytes += len(parts[1])
+                if len(conn.codes) >= MAX_FUNCTIONS or conn.code_bytes > MAX_FUNCTION_BYTES:
+                    raise ProtocolError("too many functions sent on one connection")
                 conn.codes[bytes(parts[0]).decode("ascii", "replace")] = bytes(parts[1])
             elif kind is Kind.PING:
                 conn.send(Kind.PONG, [payload])
@@ -566,6 +594,9 @@ class PeerDaemon:
                     self.completed += 1
                 finally:
                     self.queue.done(work)
+                    with work.conn.count_lock:
+                        work.conn.queued -= 1
+                        work.conn.queued_bytes -= work.size
 
 
 def _error(task_id: bytes | memoryview, type_name: str, message: str, tb: str = "") -> bytes:

@@ -22,20 +22,19 @@ import itertools
 import logging
 import math
 import os
-import socket
 import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, as_completed
+from concurrent.futures import Executor, Future, InvalidStateError, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peer import codec, tracked, wire
 from peer.api import BrokerClient
-from peer.channel import connect
+from peer.channel import connect, keepalive
 from peer.config import Account, default_broker, default_home
 from peer.daemon import TASK_ID
 from peer.errors import PeerError, ProtocolError, TaskError
@@ -253,7 +252,9 @@ class Pool(Executor):
                 return
             if cancel_futures:
                 while self._queue:
-                    self._queue.popleft().future.cancel()
+                    task = self._queue.popleft()
+                    if not task.future.cancel():  # a re-run task is already running
+                        _fail(task.future, PoolError("cancelled by shutdown(cancel_futures=True)"))
         if wait:
             for fut in list(self._outstanding):
                 try:
@@ -263,13 +264,25 @@ class Pool(Executor):
         with self._lock:
             self._closed = True
             links, self._links = self._links, []
+            # Nothing may stay pending forever once the pool is closed.
+            stranded = [t.future for t in self._queue] + [
+                t.future for lk in links for t in lk.inflight.values()
+            ]
+            self._queue.clear()
+        for fut in stranded:
+            if fut.done():
+                continue
+            if fut.running() or fut.set_running_or_notify_cancel():
+                _fail(fut, PoolError("the pool was shut down before this task finished"))
         for link in links:
             link.alive = False
-            try:
-                with link.send_lock:
+            if link.send_lock.acquire(timeout=1.0):  # a peer that stopped reading gets no BYE
+                try:
                     wire.write_frame(link.tls, Kind.BYE, [])
-            except OSError:
-                pass
+                except (OSError, ssl.SSLError):
+                    pass
+                finally:
+                    link.send_lock.release()
             wire.close_quietly(link.tls)
         for session_id in [self.session_id, *self._sessions]:
             if session_id:
@@ -367,7 +380,7 @@ class Pool(Executor):
             except (PeerError, OSError, ssl.SSLError) as exc:
                 errors.append(f"{worker['address']}: {exc}")
                 return
-            _keepalive(tls)
+            keepalive(tls)
             opened.append(_Link(worker["id"], worker["address"], worker["slots"], tls, self.window))
 
         threads = [threading.Thread(target=open_link, args=(w,), daemon=True) for w in workers]
@@ -514,7 +527,7 @@ class Pool(Executor):
                         else:
                             task.future.set_result(value)
                 elif kind is Kind.ERROR:
-                    msg = wire.decode_json(payload)
+                    msg = wire.decode_json(payload, limit=_ERROR_LIMIT)
                     task = self._finish(link, int(msg.get("task", -1)))
                     if task is not None:
                         task.future.set_exception(TaskError.from_dict(msg))
@@ -528,7 +541,7 @@ class Pool(Executor):
                     # Refill in batches of half a window: one TLS write for several
                     # tasks instead of one per result.
                     self._pump()
-        except (PeerError, OSError, ssl.SSLError, ValueError) as exc:
+        except Exception as exc:  # any malformed frame from a peer means the link is lost
             if link.alive:
                 self._lost(link, str(exc) or type(exc).__name__)
 
@@ -604,15 +617,20 @@ class Pool(Executor):
         return f"<Pool session={self.session_id} links={len(self._links)} slots={self.slots}>"
 
 
+#: Remote errors carry up to 8 KiB of message and 32 KiB of traceback characters,
+#: which JSON may escape to 6 bytes each.
+_ERROR_LIMIT = 1024 * 1024
+
+
+def _fail(fut: Future, error: Exception) -> None:
+    """Set an exception unless the future is already done (a race we may lose)."""
+    try:
+        fut.set_exception(error)
+    except InvalidStateError:
+        pass
+
+
 def _progress(total: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="item", smoothing=0.1, disable=os.environ.get("TQDM_DISABLE") == "1")
-
-
-def _keepalive(sock: socket.socket) -> None:
-    """Detect a worker whose network went silent in about 20 s, not hours."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
-        if hasattr(socket, name):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)

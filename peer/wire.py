@@ -26,6 +26,7 @@ VERSION = 1
 HEADER = struct.Struct("!4sBBxxQ")
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 JSON_LIMIT = 64 * 1024
+MAX_BUFFERS = 65_536
 
 # Parts smaller than this are joined before sending: one syscall for the header and
 # small pieces, while big buffers go out as they are, without a copy.
@@ -169,6 +170,10 @@ def unpack_buffers(payload: Buffer) -> list[memoryview]:
     if size < _COUNT.size:
         raise ProtocolError("multi-buffer payload shorter than its count")
     (count,) = _COUNT.unpack_from(view)
+    if count > MAX_BUFFERS:
+        # Each buffer becomes a memoryview object (~200 bytes) for 8 bytes of length:
+        # an unbounded count would turn a 16 MB frame into gigabytes.
+        raise ProtocolError(f"multi-buffer payload of {count} buffers exceeds {MAX_BUFFERS}")
     pos = _COUNT.size + count * _LENGTH.size
     if pos > size:
         raise ProtocolError(f"multi-buffer payload too short for {count} lengths")

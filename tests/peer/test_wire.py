@@ -223,3 +223,11 @@ def test_wire_never_imports_a_deserializer() -> None:
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not imported & {"pickle", "dill", "marshal", "shelve"}
+
+
+def test_buffer_count_is_capped() -> None:
+    """An unbounded count would make a small frame cost a memoryview object per 8
+    bytes: gigabytes from a 16 MB frame."""
+    payload = struct.pack("!I", wire.MAX_BUFFERS + 1) + bytes(8 * (wire.MAX_BUFFERS + 1))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        wire.unpack_buffers(payload)

@@ -116,3 +116,28 @@ def test_progress_bar_counts_items(make_pool, capsys):
         assert list(pool.map(square, range(300), progress=True)) == [x * x for x in range(300)]
     err = capsys.readouterr().err
     assert "300/300" in err
+
+
+def test_shutdown_without_waiting_leaves_no_future_pending(make_pool):
+    import time as _time
+
+    pool = make_pool(1)
+    futures = [pool.submit(_time.sleep, 0.5) for _ in range(6)]
+    pool.shutdown(wait=False)
+    for fut in futures:
+        try:
+            fut.result(10)
+        except PoolError as exc:
+            assert "shut down" in str(exc)
+    assert all(f.done() for f in futures)
+
+
+def test_long_remote_error_messages_arrive_intact(make_pool):
+    def long_error():
+        raise ValueError("\x01" * 10_000)
+
+    with make_pool(1) as pool:
+        with pytest.raises(TaskError) as caught:
+            pool.submit(long_error).result(30)
+        assert caught.value.type_name == "ValueError" and len(caught.value.message) >= 8000
+        assert pool.rerun == 0
