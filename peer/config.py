@@ -43,6 +43,8 @@ class Account:
         path = Path(home) / ACCOUNT_FILE
         if not path.exists():
             raise PeerError(f"no account in {home}; run `python -m peer init` first")
+        if path.stat().st_mode & 0o077:
+            raise PeerError(f"{path} holds your password and is readable by others; chmod 600 it")
         try:
             data = json.loads(path.read_text())
             return cls(**{k: str(data[k]) for k in ("broker", "email", "password", "token", "user_id")})
@@ -52,8 +54,12 @@ class Account:
     def save(self, home: Path) -> None:
         home = Path(home)
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = home / f".{ACCOUNT_FILE}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, home / ACCOUNT_FILE)
+        tmp = home / f".{ACCOUNT_FILE}.{os.getpid()}.{os.urandom(4).hex()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(asdict(self), f, indent=1)
+            os.replace(tmp, home / ACCOUNT_FILE)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

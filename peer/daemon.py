@@ -46,6 +46,8 @@ OPEN = ("matched", "partial")
 #: Per connection: tasks waiting or running, and bytes they hold; functions kept. A
 #: requester's own pool keeps slots x window tasks in flight, far below these; past
 #: them a connection is cut rather than let one requester exhaust the daemon's memory.
+MAX_HANDSHAKES = 64  # connections not yet authorized, at once
+HANDSHAKE_DEADLINE = 15.0  # seconds for the whole handshake
 MAX_QUEUED_TASKS = 4096
 MAX_QUEUED_BYTES = 1024**3
 MAX_FUNCTIONS = 1024
@@ -322,6 +324,7 @@ class PeerDaemon:
         self._threads: list[threading.Thread] = []
         self._conns: set[Connection] = set()
         self._conns_lock = threading.Lock()
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self._slots_ready = threading.Barrier(jobs + 1)
         self.base_uid, self._uid_locks = (
             claim_uid_block(jobs) if os.geteuid() == 0 else (DEFAULT_BASE_UID, [])
@@ -461,16 +464,27 @@ class PeerDaemon:
             self._spawn(self._serve_connection, sock, f"{addr[0]}:{addr[1]}", name=f"conn-{addr[1]}")
 
     def _serve_connection(self, sock: socket.socket, address: str) -> None:
+        if not self._handshakes.acquire(blocking=False):
+            log.info("refused %s: too many handshakes in progress", address)
+            wire.close_quietly(sock)
+            return
+        # One deadline for the whole handshake, not per read: a client trickling its
+        # hello a byte at a time cannot hold this thread for long.
+        deadline = threading.Timer(HANDSHAKE_DEADLINE, wire.close_quietly, args=(sock,))
+        deadline.start()
         try:
             tls, hello = accept(sock, self.identity, self.authorizer)
         except Refused as exc:
             log.info("refused %s: %s", address, exc)
             wire.close_quietly(sock)
             return
-        except (ProtocolError, OSError, ssl.SSLError) as exc:
+        except (ProtocolError, OSError, ssl.SSLError, ValueError) as exc:
             log.info("handshake with %s failed: %s", address, exc)
             wire.close_quietly(sock)
             return
+        finally:
+            deadline.cancel()
+            self._handshakes.release()
         grant = self.authorizer.grant(hello.session_id)
         slots = grant.slots if not isinstance(grant, str) else 1
         conn = Connection(tls, hello.session_id, address)

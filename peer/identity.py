@@ -129,12 +129,10 @@ class Identity:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-        tmp = directory / f".{KEY_FILE}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key_pem)
-        os.replace(tmp, directory / KEY_FILE)
-        (directory / CERT_FILE).write_bytes(cert_pem)
+        # Certificate first, then the key: both atomically, so a crash leaves either
+        # the old pair or a new certificate whose key `load` reports as missing.
+        _write_private(directory / CERT_FILE, cert_pem, mode=0o644)
+        _write_private(directory / KEY_FILE, key_pem, mode=0o600)
         return cls(directory, cert_pem.decode())
 
     @classmethod
@@ -145,3 +143,17 @@ class Identity:
             if (Path(directory) / KEY_FILE).exists():
                 raise
             return cls.create(directory)
+
+
+def _write_private(path: Path, data: bytes, *, mode: int) -> None:
+    """Write ``path`` atomically through a fresh temporary file created with ``mode``
+    (``O_EXCL|O_NOFOLLOW``: never an existing file or a planted symlink)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
