@@ -89,6 +89,7 @@ class _Link:
     alive: bool = True
     done: int = 0
     last_heard: float = field(default_factory=time.monotonic)
+    updates: list[tuple[Kind, list[wire.Buffer]]] = field(default_factory=list)
 
     @property
     def room(self) -> int:
@@ -226,24 +227,23 @@ class Pool(Executor):
         with self._lock:
             handle = self._publisher.share(obj)
             self._sync_locked()
+            links = [link for link in self._links if link.alive]
+        for link in links:
+            self._send(link, [])  # the snapshot goes out now, not with the next task
         return handle
 
     def _sync_locked(self) -> None:
-        """Send every tracked-object change not yet sent to every worker (holding
-        ``self._lock``, so no task submitted after a change can overtake it)."""
+        """Queue every tracked-object change not yet sent on every link (holding
+        ``self._lock``; no socket I/O here, so a peer that stops reading cannot block
+        the pool). `_send` writes a link's queued changes before any task it sends, so
+        no task submitted after a change can overtake it."""
         updates = self._publisher.updates()
         if not updates:
             return
         frames = [tracked.update_frame(u) for u in updates]
         for link in self._links:
-            if not link.alive:
-                continue
-            try:
-                with link.send_lock:
-                    for kind, parts in frames:
-                        wire.write_frame(link.tls, kind, parts)
-            except (OSError, ssl.SSLError) as exc:
-                self._lost(link, f"send failed: {exc}")
+            if link.alive:
+                link.updates.extend(frames)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Finish (or cancel) outstanding tasks, close the channels, end the session."""
@@ -405,16 +405,11 @@ class Pool(Executor):
 
     def _adopt(self, links: list[_Link]) -> None:
         """Start using new links; a late joiner first gets every shared object."""
-        backlog = [tracked.update_frame(u) for u in self._publisher.backlog()]
         with self._lock:
+            self._sync_locked()  # what is pending goes to the old links; the backlog has it
+            backlog = [tracked.update_frame(u) for u in self._publisher.backlog()]
             for link in links:
-                try:
-                    with link.send_lock:
-                        for kind, parts in backlog:
-                            wire.write_frame(link.tls, kind, parts)
-                except (OSError, ssl.SSLError):
-                    wire.close_quietly(link.tls)
-                    continue
+                link.updates.extend(backlog)
                 self._links.append(link)
                 threading.Thread(
                     target=self._reader, args=(link,), daemon=True, name=f"pool-{link.address}"
@@ -499,7 +494,8 @@ class Pool(Executor):
     def _send(self, link: _Link, tasks: list[_Task]) -> None:
         try:
             with link.send_lock:
-                frames: list[tuple[Kind, list[wire.Buffer]]] = []
+                with self._lock:  # lock order: send_lock, then self._lock (never the reverse)
+                    frames, link.updates = link.updates, []
                 for task in tasks:
                     if task.code_id not in link.sent_codes:
                         frames.append((Kind.FUNC, wire.pack_buffers([task.code_id.encode(), task.code])))
