@@ -193,12 +193,41 @@ def loads_data(buffers: Sequence[Buffer], *, trusted: bool) -> Any:
         raise ProtocolError(f"unknown encoding flag {flag!r}")
     if trusted:
         return pickle.loads(stream, buffers=oob)
+    # A class can only be reached through its name in the stream (GLOBAL or
+    # STACK_GLOBAL): without one of those names there is nothing to check.
+    raw = stream if isinstance(stream, bytes | bytearray) else bytes(stream)
+    before = _class_state() if any(name in raw for name in _MUTABLE_NAMES) else {}
     try:
         return _DataUnpickler(io.BytesIO(stream), buffers=oob).load()
     except UnsafeResultError:
         raise
     except Exception as exc:
         raise ProtocolError(f"malformed result pickle: {exc!r}") from exc
+    finally:
+        _restore_classes(before)
+
+
+def _class_state() -> dict[type, dict[str, Any]]:
+    """The attributes of the allow-listed classes written in Python (C types cannot be
+    changed). A pickle's BUILD can set attributes on a *class* it names, so an
+    untrusted load is followed by a check that none changed."""
+    return {cls: dict(vars(cls)) for cls in _MUTABLE_SAFE_TYPES}
+
+
+def _restore_classes(before: dict[type, dict[str, Any]]) -> None:
+    tampered = []
+    for cls, attrs in before.items():
+        now = vars(cls)
+        if len(now) == len(attrs) and all(now.get(k, attrs) is v for k, v in attrs.items()):
+            continue
+        tampered.append(cls.__name__)
+        for key in set(now) - set(attrs):
+            delattr(cls, key)
+        for key, value in attrs.items():
+            if now.get(key, attrs) is not value:
+                setattr(cls, key, value)
+    if tampered:
+        raise UnsafeResultError(f"an untrusted result tried to change the classes {', '.join(tampered)}")
 
 
 _SAFE_TYPES: frozenset[type] = frozenset(
@@ -232,6 +261,14 @@ _SAFE_TYPES: frozenset[type] = frozenset(
         uuid.SafeUUID,
     }
 )
+
+_MUTABLE_SAFE_TYPES = tuple(
+    cls
+    for cls in _SAFE_TYPES
+    if not cls.__flags__ & (1 << 8)  # Py_TPFLAGS_IMMUTABLETYPE
+)
+
+_MUTABLE_NAMES = tuple(cls.__name__.encode() for cls in _MUTABLE_SAFE_TYPES)
 
 _NUMPY_GLOBALS = {
     ("numpy", "dtype"),
@@ -281,8 +318,46 @@ def _type_of_singleton(*args: Any) -> type:
     raise UnsafeResultError("refusing builtins.type except for type(None)")
 
 
+#: Sizes a constructor called by an untrusted pickle may be asked for: ``bytes(2**35)``
+#: or ``list(range(10**12))`` are a few bytes on the wire and all the memory here.
+_MAX_CONSTRUCTED = 1 << 26
+#: Built from REDUCE (a call) in ordinary pickles; handed out only behind `_Guarded`.
+_CALLED_TYPES = frozenset(
+    {bytes, bytearray, list, tuple, set, frozenset, dict, str, range, complex, slice,
+     collections.deque, collections.Counter, collections.OrderedDict, collections.defaultdict}
+)  # fmt: skip
+
+
+def _too_big(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value) > _MAX_CONSTRUCTED
+    if isinstance(value, range):
+        return len(value) > _MAX_CONSTRUCTED
+    return False
+
+
+class _Guarded:
+    """A constructor as an untrusted pickle may call it: arguments that would build
+    something huge out of a few bytes (a count, a range) are refused."""
+
+    def __init__(self, wrapped: type) -> None:
+        self.wrapped = wrapped
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if any(_too_big(a) for a in (*args, *kwargs.values())):
+            raise UnsafeResultError(
+                f"refusing {self.wrapped.__name__}() of a huge size in an untrusted result"
+            )
+        return self.wrapped(*args, **kwargs)
+
+
+_GUARDED = {cls: _Guarded(cls) for cls in _CALLED_TYPES}
+
+
 def _safe_reconstructor(cls: type, base: type, state: Any) -> Any:
     """Stand in for ``copyreg._reconstructor``, limited to allow-listed types."""
+    cls = getattr(cls, "wrapped", cls)
+    base = getattr(base, "wrapped", base)
     if cls not in _SAFE_TYPES or (base is not object and base not in _SAFE_TYPES):
         raise UnsafeResultError(f"refusing copyreg._reconstructor for {cls!r}")
     return copyreg._reconstructor(cls, base, state)  # type: ignore[attr-defined]
@@ -309,7 +384,7 @@ class _DataUnpickler(pickle.Unpickler):
         if module in {"builtins", "collections", "datetime", "decimal", "fractions", "uuid"}:
             found = self._lookup(module, name)
             if isinstance(found, type) and found in _SAFE_TYPES:
-                return found
+                return _GUARDED.get(found, found)
         raise UnsafeResultError(
             f"refusing to load global {module}.{name}: results from untrusted peers "
             "may contain only data; pass trusted=True for peers you trust"

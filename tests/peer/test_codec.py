@@ -352,3 +352,32 @@ def test_ordinary_arrays_still_decode_in_band_and_out_of_band(arr) -> None:
     for buffers in (codec.dumps_data(arr), [codec.PICKLE, pickle.dumps(arr, protocol=4)]):
         out = codec.loads_data(buffers, trusted=False)
         assert out.dtype == arr.dtype and np.array_equal(out, arr)
+
+
+class _HugeBytes:
+    def __reduce__(self):
+        return (bytes, (2**35,))
+
+
+class _HugeList:
+    def __reduce__(self):
+        return (list, (range(10**12),))
+
+
+@pytest.mark.parametrize("bomb", [_HugeBytes(), _HugeList()], ids=["bytes", "list-range"])
+def test_tiny_pickles_cannot_build_huge_values(bomb) -> None:
+    with pytest.raises(UnsafeResultError, match="huge"):
+        codec.loads_data([codec.PICKLE, pickle.dumps(bomb, protocol=5)], trusted=False)
+
+
+def test_a_result_cannot_change_an_allowed_class() -> None:
+    """BUILD with slot state does setattr on whatever is on the stack, a class too."""
+    import fractions
+
+    original = fractions.Fraction.__dict__["__hash__"]
+    # GLOBAL fractions Fraction; (None, {"__hash__": None}); BUILD; STOP
+    stream = b"\x80\x05cfractions\nFraction\nN}X\x08\x00\x00\x00__hash__Ns\x86b."
+    with pytest.raises(UnsafeResultError, match="Fraction"):
+        codec.loads_data([codec.PICKLE, stream], trusted=False)
+    assert fractions.Fraction.__dict__["__hash__"] is original
+    assert hash(fractions.Fraction(1, 3)) == hash(fractions.Fraction(2, 6))
