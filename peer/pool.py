@@ -72,6 +72,7 @@ class _Task:
     future: Future
     items: int = 1
     tries: int = 0
+    sent_at: float = 0.0
 
 
 @dataclass(eq=False)
@@ -90,6 +91,7 @@ class _Link:
     done: int = 0
     last_heard: float = field(default_factory=time.monotonic)
     updates: list[tuple[Kind, list[wire.Buffer]]] = field(default_factory=list)
+    pinged: bool = False
 
     @property
     def room(self) -> int:
@@ -113,6 +115,9 @@ class Pool(Executor):
         silence: Seconds a worker with tasks in flight may stay silent (not even
             answering pings) before it counts as lost: a peer whose network or
             process froze without closing the connection is not waited on forever.
+        task_timeout: Seconds a task may wait for its result before its worker counts
+            as lost and the task runs elsewhere (default: no limit; peers enforce their
+            own). Guards against a peer that answers pings but withholds results.
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class Pool(Executor):
         max_tries: int = 3,
         window: int = 8,
         silence: float = 15.0,
+        task_timeout: float | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
@@ -146,6 +152,7 @@ class Pool(Executor):
         self.workers, self.min_workers, self.timeout = workers, min_workers, timeout
         self.trust_results, self.max_tries, self.window = trust_results, max_tries, window
         self.silence = silence
+        self.task_timeout = task_timeout
         self.session_id: str | None = None
         self.rerun = 0
         self._links: list[_Link] = []
@@ -487,6 +494,7 @@ class Pool(Executor):
                     if task.tries == 0 and not task.future.set_running_or_notify_cancel():
                         continue
                     link.inflight[task.id] = task
+                    task.sent_at = time.monotonic()
                     sends.append(task)
             if sends:
                 self._send(link, sends)
@@ -510,7 +518,9 @@ class Pool(Executor):
         try:
             while True:
                 kind, payload = wire.read_frame(link.tls)
-                link.last_heard = time.monotonic()
+                if kind is not Kind.PONG or link.pinged:
+                    link.last_heard = time.monotonic()  # an unasked-for PONG proves nothing
+                    link.pinged = False
                 if kind is Kind.RESULT:
                     parts = wire.unpack_buffers(payload)
                     (task_id,) = TASK_ID.unpack(parts[0])
@@ -552,13 +562,17 @@ class Pool(Executor):
                     link.last_heard = max(link.last_heard, now - tick)
                     continue
                 quiet = now - link.last_heard
-                if quiet > self.silence:
+                oldest = min((t.sent_at for t in list(link.inflight.values())), default=now)
+                if self.task_timeout is not None and now - oldest > self.task_timeout:
+                    self._lost(link, f"a task got no result within task_timeout={self.task_timeout:g} s")
+                elif quiet > self.silence:
                     self._lost(link, f"no answer, not even to pings, for {quiet:.0f} s")
                 elif quiet > tick and link.send_lock.acquire(blocking=False):
                     # A sender blocked on a frozen peer holds the lock: skip the ping;
                     # the silence check above still fires and closes the socket.
                     try:
                         wire.write_frame(link.tls, Kind.PING, [b"?"])
+                        link.pinged = True
                     except (OSError, ssl.SSLError) as exc:
                         link.send_lock.release()
                         self._lost(link, f"ping failed: {exc}")

@@ -10,6 +10,7 @@ import pickle
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -154,7 +155,9 @@ class FakePeer:
                 tls, _ = accept(sock, self.shown, lambda hello: None)
                 while True:
                     kind, payload = wire.read_frame(tls)
-                    if kind is Kind.TASK:
+                    if kind is Kind.PING:
+                        wire.write_frame(tls, Kind.PONG, [payload])
+                    elif kind is Kind.TASK and self.result:
                         task_id = bytes(wire.unpack_buffers(payload)[0])
                         wire.write_frame(tls, Kind.RESULT, wire.pack_buffers([task_id, *self.result]))
             except (PeerError, OSError, ssl.SSLError):
@@ -222,3 +225,17 @@ def test_requester_account_file_is_private(requester):
     assert (requester / "account.json").stat().st_mode & 0o777 == 0o600
     assert Account.load(requester).email == "requester@example.org"
     assert TASK_ID.size == 8
+
+
+def test_a_peer_that_answers_pings_but_withholds_results_is_given_up(stack, lone_pool, tmp_path):
+    from peer.pool import PoolError
+
+    fake = FakePeer(stack, tmp_path, [])  # answers PING, never a task
+    try:
+        pool = lone_pool(task_timeout=2.0, max_tries=1, silence=1.0)
+        started = time.monotonic()
+        with pytest.raises(PoolError):
+            pool.submit(abs, -1).result(30)
+        assert time.monotonic() - started < 15
+    finally:
+        fake.close()
