@@ -384,15 +384,8 @@ class PeerDaemon:
         with self._conns_lock:
             conns = list(self._conns)
         for conn in conns:
-            if conn.write_lock.acquire(timeout=1.0):  # a requester that stopped reading gets no BYE
-                try:
-                    wire.write_frame(conn.tls, Kind.BYE, [])
-                except (OSError, ssl.SSLError):
-                    pass
-                finally:
-                    conn.write_lock.release()
+            wire.close_with_bye(conn.tls, conn.write_lock)
             conn.alive = False
-            wire.close_quietly(conn.tls)
         for thread in self._threads:
             thread.join(10)
         for fd in self._uid_locks:

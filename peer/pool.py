@@ -283,14 +283,7 @@ class Pool(Executor):
                 _fail(fut, PoolError("the pool was shut down before this task finished"))
         for link in links:
             link.alive = False
-            if link.send_lock.acquire(timeout=1.0):  # a peer that stopped reading gets no BYE
-                try:
-                    wire.write_frame(link.tls, Kind.BYE, [])
-                except (OSError, ssl.SSLError):
-                    pass
-                finally:
-                    link.send_lock.release()
-            wire.close_quietly(link.tls)
+            wire.close_with_bye(link.tls, link.send_lock)
         for session_id in [self.session_id, *self._sessions]:
             if session_id:
                 try:

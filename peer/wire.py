@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
 from collections.abc import Sequence
 from enum import IntEnum
 from typing import Any
@@ -66,6 +67,20 @@ def close_quietly(sock: socket.socket) -> None:
         sock.close()
     except OSError:
         pass
+
+
+def close_with_bye(sock: socket.socket, write_lock: threading.Lock, *, wait: float = 1.0) -> None:
+    """Say BYE (an orderly close) and close. The BYE is skipped when a writer holds
+    ``write_lock`` for ``wait`` seconds: the other side stopped reading, and waiting on
+    it would hang our own shutdown."""
+    if write_lock.acquire(timeout=wait):
+        try:
+            write_frame(sock, Kind.BYE, [])
+        except OSError:  # ssl.SSLError is an OSError
+            pass
+        finally:
+            write_lock.release()
+    close_quietly(sock)
 
 
 def write_frame(sock: socket.socket, kind: Kind, payload_parts: Sequence[Buffer] = ()) -> None:
