@@ -8,8 +8,6 @@ import socket
 import threading
 import time
 
-import pytest
-
 
 def slow_square(x: int) -> int:
     import time as _time
@@ -43,24 +41,33 @@ def test_peer_killed_mid_map_loses_no_result(make_pool, peers):
         assert pool.slots >= 2  # the survivors (a replacement may join too)
 
 
-def test_frozen_peer_is_detected_by_silence_not_waited_on(make_pool, peers):
-    alive = [p for p in peers if p.process.proc.poll() is None]
-    if len(alive) < 2:
-        pytest.skip("needs two live peers")  # the previous test killed one of three
-    with make_pool(2, silence=3.0) as pool:
-        assert pool.submit(abs, -1).result(30) == 1
-        victim = next(p for p in alive if p.address in pool.shares)
-        pgid = victim.process.proc.pid
-        freezer = _when_started(pool, 3, lambda: os.killpg(pgid, signal.SIGSTOP))
-        try:
-            started = time.monotonic()
-            data = list(range(300))
-            assert list(pool.map(slow_square, data, chunksize=10)) == [x * x for x in data]
-            assert time.monotonic() - started < 30
-            assert pool.rerun > 0
-        finally:
-            freezer.join()
-            os.killpg(pgid, signal.SIGCONT)
+def test_frozen_peer_is_detected_by_silence_not_waited_on(make_pool, stack, workdir, peers):
+    from tests.pool.network import PeerProcess
+
+    for p in peers:  # two fresh peers of its own, whatever earlier tests did to these
+        p.client.set_jobs(0)
+    own = [PeerProcess(stack, workdir, f"frozen-{n}", 1) for n in range(2)]
+    try:
+        with make_pool(2, silence=3.0) as pool:
+            assert pool.submit(abs, -1).result(30) == 1
+            victim = next(p for p in own if p.address in pool.shares)
+            pgid = victim.process.proc.pid
+            freezer = _when_started(pool, 3, lambda: os.killpg(pgid, signal.SIGSTOP))
+            try:
+                started = time.monotonic()
+                data = list(range(300))
+                assert list(pool.map(slow_square, data, chunksize=10)) == [x * x for x in data]
+                assert time.monotonic() - started < 30
+                assert pool.rerun > 0
+            finally:
+                freezer.join()
+                os.killpg(pgid, signal.SIGCONT)
+    finally:
+        for p in own:
+            p.stop()
+        for p in peers:
+            if p.process.proc.poll() is None:
+                p.client.set_jobs(1)
 
 
 def test_vanished_requester_stops_holding_the_peer_after_its_lease(stack, workdir, requester, peers):
