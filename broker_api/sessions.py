@@ -25,8 +25,13 @@ from matchmaker import keys
 from matchmaker.keys import Status
 
 DEFAULT_TIMEOUT = 30
+#: Statuses a long-poll may wait on (``?since=``).
+_STATUSES = frozenset(s.value for s in Status)
+
+
 #: Ids are ``uuid4().hex``. Anything else is answered 404 before it reaches the
-#: database (PostgreSQL rejects NUL bytes in text with an error, not a miss).
+#: database (PostgreSQL rejects NUL bytes in text with an error, not a miss), with the
+#: same body as an id that exists but is not the caller's.
 _ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -155,10 +160,8 @@ class SessionResource:
         user_id = req.context.caller.user_id
         wait = self._wait_param(req)
         since = req.get_param("since") or Status.PENDING.value
-        if since not in {s.value for s in Status}:
-            raise InvalidRequest(
-                f"query parameter 'since' must be one of {', '.join(s.value for s in Status)}"
-            )
+        if since not in _STATUSES:
+            raise InvalidRequest(f"query parameter 'since' must be one of {', '.join(sorted(_STATUSES))}")
         session = _visible(session_id, user_id)
         if wait > 0 and session.status == since:
             session = self._long_poll(session, user_id, wait, since)
@@ -173,13 +176,12 @@ class SessionResource:
         published in between is not missed; the database connection is released while
         waiting.
         """
-        initial = since
         deadline = time.monotonic() + wait
         pubsub = self._conn.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(keys.session_channel(session.id))
             current = _visible(session.id, user_id)
-            while current.status == initial:
+            while current.status == since:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
