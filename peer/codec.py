@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import sys
 import sysconfig
 import threading
@@ -195,8 +196,7 @@ def loads_data(buffers: Sequence[Buffer], *, trusted: bool) -> Any:
         return pickle.loads(stream, buffers=oob)
     # A class can only be reached through its name in the stream (GLOBAL or
     # STACK_GLOBAL): without one of those names there is nothing to check.
-    raw = stream if isinstance(stream, bytes | bytearray) else bytes(stream)
-    before = _class_state() if any(name in raw for name in _MUTABLE_NAMES) else {}
+    before = _class_state() if _MUTABLE_NAMES.search(stream) else {}  # no copy of the stream
     try:
         return _DataUnpickler(io.BytesIO(stream), buffers=oob).load()
     except UnsafeResultError:
@@ -268,7 +268,7 @@ _MUTABLE_SAFE_TYPES = tuple(
     if not cls.__flags__ & (1 << 8)  # Py_TPFLAGS_IMMUTABLETYPE
 )
 
-_MUTABLE_NAMES = tuple(cls.__name__.encode() for cls in _MUTABLE_SAFE_TYPES)
+_MUTABLE_NAMES = re.compile(b"|".join(re.escape(cls.__name__.encode()) for cls in _MUTABLE_SAFE_TYPES))
 
 _NUMPY_GLOBALS = {
     ("numpy", "dtype"),

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from peer import tasks as _tasks  # noqa: F401 - loaded before slots fork, so sandboxes can use it
 from peer import tracked, wire
@@ -40,6 +41,7 @@ from peer.sandbox import DEFAULT_BASE_UID, Limits, Slot
 from peer.wire import Kind
 
 log = logging.getLogger("peer")
+T = TypeVar("T")
 
 TASK_ID = struct.Struct("!Q")
 OPEN = ("matched", "partial")
@@ -357,11 +359,6 @@ class PeerDaemon:
         self._spawn(self._accept_loop, name="accept")
         log.info("serving %d slot(s) at %s", self.jobs, self.address)
 
-    def wait(self) -> None:
-        """Block until `stop` is called."""
-        while not self._stop.wait(0.5):
-            pass
-
     def stop(self, *, drain: float = 30.0) -> None:
         """Stop taking work, withdraw from the broker, finish running tasks (up to
         ``drain`` seconds), then close every connection and slot."""
@@ -397,7 +394,7 @@ class PeerDaemon:
         thread.start()
         self._threads.append(thread)
 
-    def _broker(self, call: Callable[[], object]) -> object:
+    def _broker(self, call: Callable[[], T]) -> T:
         try:
             return call()
         except BrokerError as exc:
@@ -420,7 +417,6 @@ class PeerDaemon:
         drop connections of sessions that are no longer open."""
         asked = time.monotonic()
         sessions = self._broker(self.client.sessions)
-        assert isinstance(sessions, list)
         now = time.monotonic()
         with self._conns_lock:
             connected = {c.session_id for c in self._conns if c.alive}
@@ -516,7 +512,8 @@ class PeerDaemon:
                 code_id = bytes(parts[1]).decode("ascii", "replace")
                 if code_id not in conn.codes:
                     conn.send(
-                        Kind.ERROR, [_error(parts[0], "LookupError", "no function was sent with that id")]
+                        Kind.ERROR,
+                        [_error(parts[0], TaskError("LookupError", "no function was sent with that id"))],
                     )
                     continue
                 if conn.queued >= MAX_QUEUED_TASKS or conn.queued_bytes + len(payload) > MAX_QUEUED_BYTES:
@@ -584,15 +581,16 @@ class PeerDaemon:
                             upto=work.upto,
                         )
                     except TaskError as exc:
-                        work.conn.send(
-                            Kind.ERROR, [_error(work.task_id, exc.type_name, exc.message, exc.traceback_text)]
-                        )
+                        work.conn.send(Kind.ERROR, [_error(work.task_id, exc)])
                     except SandboxError as exc:
-                        work.conn.send(Kind.ERROR, [_error(work.task_id, "SandboxError", str(exc))])
+                        work.conn.send(
+                            Kind.ERROR, [_error(work.task_id, TaskError("SandboxError", str(exc)))]
+                        )
                     except Exception as exc:  # a slot thread must never die
                         log.exception("slot %d: unexpected failure; replacing its sandbox", index)
                         work.conn.send(
-                            Kind.ERROR, [_error(work.task_id, "SandboxError", f"peer failure: {exc!r}")]
+                            Kind.ERROR,
+                            [_error(work.task_id, TaskError("SandboxError", f"peer failure: {exc!r}"))],
                         )
                         slot.recycle()
                     else:
@@ -606,6 +604,7 @@ class PeerDaemon:
                         work.conn.queued_bytes -= work.size
 
 
-def _error(task_id: bytes | memoryview, type_name: str, message: str, tb: str = "") -> bytes:
+def _error(task_id: bytes | memoryview, error: TaskError) -> bytes:
+    """An ERROR frame's JSON: the task's number and the error as text."""
     (number,) = TASK_ID.unpack(task_id)
-    return wire.encode_json({"task": number, "type": type_name, "message": message, "traceback": tb})
+    return wire.encode_json({**error.to_dict(), "task": number})
