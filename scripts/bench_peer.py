@@ -66,9 +66,11 @@ from typing import Any
 
 import numpy as np
 
-from scripts.stack import ROOT, LocalStack, Process, free_port
+from scripts.stack import LocalStack, Peer, init_account
 
 PASSWORD = "bench password, not a secret"
+#: Room for the 100 MB array (twice) in each sandbox, and time to move it.
+PEER_LIMITS = ("--memory", "4096", "--task-timeout", "120")
 SYSTEMS = ("ours", "dask", "ppe", "tls")
 LABELS = {"ours": "ours", "dask": "Dask", "ppe": "ProcessPool", "tls": "raw TLS"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -205,47 +207,6 @@ class CpuMeter:
 
 
 # -- the broker stack and the peers -----------------------------------------------------
-
-
-def init_account(url: str, home: Path, email: str, address: str | None = None) -> None:
-    """``python -m peer init`` for a fresh account whose key pair lives in ``home``."""
-    argv = [sys.executable, "-m", "peer", "--home", str(home), "init", "--broker", url, "--email", email]
-    if address:
-        argv += ["--address", address]
-    env = {**os.environ, "COMPUTE_BROKER_PASSWORD": PASSWORD}
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
-    if result.returncode != 0:
-        raise RuntimeError(f"peer init for {email} failed:\n{result.stdout}{result.stderr}")
-
-
-class Peer:
-    """A contributor's daemon serving one slot on a free port of 127.0.0.1."""
-
-    def __init__(self, url: str, workdir: Path, name: str) -> None:
-        self.home = workdir / name
-        self.port = free_port()
-        email = f"{name}-{time.monotonic_ns()}@bench.example.org"
-        init_account(url, self.home, email, f"127.0.0.1:{self.port}")
-        argv = [sys.executable, "-m", "peer", "--home", str(self.home), "serve", "--jobs", "1"]
-        argv += ["--port", str(self.port), "--host", "127.0.0.1", "--scratch", str(workdir / f"{name}-scr")]
-        argv += ["--memory", "4096", "--task-timeout", "120"]
-        self.process = Process(name, dict(os.environ), workdir, argv=argv)
-
-    @property
-    def pid(self) -> int:
-        return self.process.proc.pid
-
-    def wait_serving(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while "serving" not in self.process.output():
-            if self.process.proc.poll() is not None:
-                raise RuntimeError(f"peer exited:\n{self.process.output()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"peer never said 'serving':\n{self.process.output()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.process.stop()
 
 
 # -- one measurement per system and figure ----------------------------------------------
@@ -816,12 +777,12 @@ def main(argv: list[str] | None = None) -> int:
             stack = LocalStack(data_dir=workdir / "stack", env={"SCRYPT_N": "1024"}).start()
             url = stack.url
             requester = workdir / "requester"
-            init_account(url, requester, f"requester-{time.monotonic_ns()}@bench.example.org")
-            peers = [Peer(url, workdir, f"peer{n}") for n in range(2)]
+            init_account(url, requester, f"requester-{time.monotonic_ns()}@bench.example.org", PASSWORD)
+            peers = [Peer(url, workdir, f"peer{n}", password=PASSWORD, extra=PEER_LIMITS) for n in range(2)]
             for peer in peers:
-                peer.wait_serving()
-            roots += [p.proc.pid for p in stack.processes] + [p.pid for p in peers]
-            meter = CpuMeter([p.pid for p in peers])
+                peer.wait_for("serving")
+            roots += [p.proc.pid for p in stack.processes] + [p.process.proc.pid for p in peers]
+            meter = CpuMeter([p.process.proc.pid for p in peers])
 
             def make_pool() -> Any:
                 return Pool(2, home=requester, broker=url, timeout=30)

@@ -11,15 +11,13 @@ prints each peer's share, and stops every process it started.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from peer.pool import Pool
-from scripts.stack import LocalStack, Process, free_port
+from scripts.stack import LocalStack, Peer, init_account
 
 PASSWORD = "demo password, not a secret"
 
@@ -43,23 +41,6 @@ def count_primes(lo: int, hi: int) -> int:
     return sum(segment)
 
 
-def cli(home: Path, *args: str) -> None:
-    env = {**os.environ, "COMPUTE_BROKER_PASSWORD": PASSWORD}
-    argv = [sys.executable, "-m", "peer", "--home", str(home), *args]
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:1])} failed: {result.stderr.strip()}")
-    print("  " + result.stdout.strip())
-
-
-def wait_for(process: Process, text: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in process.output():
-        if process.proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{process.name} did not start:\n{process.output()}")
-        time.sleep(0.05)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.splitlines()[0])
     parser.add_argument("--below", type=int, default=40_000_000, help="count primes below this")
@@ -70,22 +51,17 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         with LocalStack(data_dir=work / "broker") as stack:
             print(f"broker API, matchmaker and Redis up at {stack.url}")
-            peers = []
+            peers: dict[str, Peer] = {}
             try:
                 for name in ("alice", "bob"):
-                    port = free_port()
-                    home = work / name
-                    cli(home, "init", "--broker", stack.url, "--email", f"{name}@example.org",
-                        "--address", f"127.0.0.1:{port}")  # fmt: skip
-                    scratch = str(work / f"{name}-scratch")
-                    serve = [sys.executable, "-m", "peer", "--home", str(home), "serve", "--jobs", "1",
-                             "--port", str(port), "--host", "127.0.0.1", "--scratch", scratch]  # fmt: skip
-                    peers.append((name, port, Process(name, dict(os.environ), work, argv=serve)))
-                for name, port, process in peers:
-                    wait_for(process, "serving")
-                    print(f"  peer {name} serves 1 slot at 127.0.0.1:{port}")
+                    peer = Peer(stack.url, work, name, password=PASSWORD, email=f"{name}@example.org")
+                    peers[name] = peer
+                    print("  " + peer.init_output)
+                for name, peer in peers.items():
+                    peer.wait_for("serving")
+                    print(f"  peer {name} serves 1 slot at {peer.address}")
                 requester = work / "carol"
-                cli(requester, "init", "--broker", stack.url, "--email", "carol@example.org")
+                print("  " + init_account(stack.url, requester, "carol@example.org", PASSWORD))
 
                 ranges = [(lo, min(lo + args.chunk, args.below)) for lo in range(0, args.below, args.chunk)]
                 print(f"carol counts the primes below {args.below:,} in {len(ranges)} ranges on 2 workers:")
@@ -99,17 +75,17 @@ def main(argv: list[str] | None = None) -> int:
                 local = sum(count_primes(lo, hi) for lo, hi in ranges)
                 local_time = time.perf_counter() - t0
                 total = sum(counts)
-                by_port = {f"127.0.0.1:{port}": name for name, port, _ in peers}
+                by_address = {peer.address: name for name, peer in peers.items()}
                 verdict = "OK" if local == total else "MISMATCH"
                 print(f"primes below {args.below:,}: {total:,} in {remote:.2f} s (with matching, TLS set-up)")
                 print(f"local check: {local:,} in {local_time:.2f} s -> {verdict}")
                 for address, done in sorted(shares.items()):
-                    print(f"  {by_port.get(address, address)} counted {done} of the {len(ranges)} ranges")
+                    print(f"  {by_address.get(address, address)} counted {done} of the {len(ranges)} ranges")
                 if local != total:
                     return 1
             finally:
-                for _, _, process in peers:
-                    process.stop()
+                for peer in peers.values():
+                    peer.stop()
     print(f"everything stopped; demo took {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -60,6 +60,16 @@ class Process:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait_for(self, text: str, timeout: float = 60.0) -> None:
+        """Wait until ``text`` appears in the output, failing early if the process exits."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} never said {text!r}:\n{self.output()}")
+            time.sleep(0.05)
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
@@ -76,6 +86,55 @@ class Process:
         except ProcessLookupError:
             pass
         self.proc.wait(5)
+
+
+def init_account(broker: str, home: Path, email: str, password: str, address: str | None = None) -> str:
+    """``python -m peer init``: an account (created or logged in to) whose key pair lives
+    in ``home``; returns what the command printed."""
+    argv = [sys.executable, "-m", "peer", "--home", str(home), "init", "--broker", broker, "--email", email]
+    if address:
+        argv += ["--address", address]
+    env = {**os.environ, "COMPUTE_BROKER_PASSWORD": password}
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"peer init for {email} failed: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+class Peer:
+    """A contributor's daemon: ``python -m peer init`` for a fresh account, then
+    ``python -m peer serve`` on a free loopback port (``extra``: more serve options).
+    Call ``wait_for("serving")`` before using it."""
+
+    def __init__(
+        self,
+        broker: str,
+        workdir: Path,
+        name: str,
+        *,
+        password: str,
+        jobs: int = 1,
+        extra: tuple[str, ...] = (),
+        email: str | None = None,
+    ) -> None:
+        self.home = workdir / name
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.email = email or f"{name}-{time.monotonic_ns()}@example.org"
+        self.init_output = init_account(broker, self.home, self.email, password, self.address)
+        scratch = str(workdir / f"{name}-scratch")
+        argv = [sys.executable, "-m", "peer", "--home", str(self.home), "serve", "--jobs", str(jobs),
+                "--port", str(self.port), "--host", "127.0.0.1", "--scratch", scratch]  # fmt: skip
+        self.process = Process(name, dict(os.environ), workdir, argv=[*argv, *extra])
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> None:
+        self.process.wait_for(text, timeout)
+
+    def output(self) -> str:
+        return self.process.output()
+
+    def stop(self) -> None:
+        self.process.stop()
 
 
 def wait_http(url: str, timeout: float = 30.0, proc: Process | None = None) -> None:

@@ -6,7 +6,6 @@ against the test's own Redis and database.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +15,8 @@ import requests
 
 from broker_api.models import Member, Session, db
 from matchmaker.registry import Registry
+from scripts.stack import Process, free_port, wait_http
 from tests.helpers import RUNTIME, auth, offer, public_pem, signup
-from tests.stack import Process, free_port, wait_http
 
 
 @pytest.mark.slow
@@ -42,7 +41,7 @@ def test_matchmaker_killed_while_matching(client, conn, env, tmp_path):
             if done >= 3:
                 break
             time.sleep(0.005)
-        os.killpg(first.proc.pid, signal.SIGKILL)
+        first.kill(signal.SIGKILL)
         first.proc.wait(10)
     finally:
         first.stop()

@@ -7,8 +7,8 @@ import time
 import pytest
 import requests
 
+from scripts.stack import Process, free_port, wait_http
 from tests.helpers import RUNTIME, public_pem
-from tests.stack import Process, free_port, wait_http
 
 pytestmark = pytest.mark.slow
 

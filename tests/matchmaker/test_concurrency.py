@@ -11,8 +11,8 @@ import pytest
 
 from broker_api.models import Member, Session, db
 from matchmaker.registry import Registry
+from scripts.stack import Process
 from tests.helpers import auth, offer, signup
-from tests.stack import Process
 
 pytestmark = pytest.mark.slow
 

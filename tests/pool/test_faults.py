@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import threading
@@ -32,7 +31,7 @@ def test_peer_killed_mid_map_loses_no_result(make_pool, peers):
     with make_pool(3) as pool:
         assert pool.submit(abs, -1).result(30) == 1  # connected to all three
         victim = next(p for p in peers if p.address in pool.shares)
-        killer = _when_started(pool, 5, lambda: os.killpg(victim.process.proc.pid, signal.SIGKILL))
+        killer = _when_started(pool, 5, lambda: victim.process.kill(signal.SIGKILL))
         data = list(range(600))
         assert list(pool.map(slow_square, data, chunksize=10)) == [x * x for x in data]
         killer.join()
@@ -51,8 +50,7 @@ def test_frozen_peer_is_detected_by_silence_not_waited_on(make_pool, stack, work
         with make_pool(2, silence=3.0) as pool:
             assert pool.submit(abs, -1).result(30) == 1
             victim = next(p for p in own if p.address in pool.shares)
-            pgid = victim.process.proc.pid
-            freezer = _when_started(pool, 3, lambda: os.killpg(pgid, signal.SIGSTOP))
+            freezer = _when_started(pool, 3, lambda: victim.process.kill(signal.SIGSTOP))
             try:
                 started = time.monotonic()
                 data = list(range(300))
@@ -61,7 +59,7 @@ def test_frozen_peer_is_detected_by_silence_not_waited_on(make_pool, stack, work
                 assert pool.rerun > 0
             finally:
                 freezer.join()
-                os.killpg(pgid, signal.SIGCONT)
+                victim.process.kill(signal.SIGCONT)
     finally:
         for p in own:
             p.stop()
@@ -124,10 +122,7 @@ def test_session_ended_at_the_broker_closes_its_connections(stack, workdir, requ
         pool = Pool(1, home=requester, broker=stack.url, timeout=20)
         assert pool.submit(abs, -4).result(30) == 4
         BrokerClient(stack.url, Account.load(requester).token).end_session(pool.session_id)
-        deadline = time.monotonic() + 15
-        while "no longer open at the broker" not in peer.output() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "no longer open at the broker" in peer.output()
+        peer.wait_for("no longer open at the broker", timeout=15)
         pool.shutdown(wait=False, cancel_futures=True)
     finally:
         peer.stop()
