@@ -7,20 +7,13 @@ import platform
 from typing import Any
 
 import dill
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from scripts.load import public_pem
+
+__all__ = ["RUNTIME", "auth", "offer", "public_pem", "request_pool", "signup"]
 
 _counter = itertools.count()
 RUNTIME = {"python": platform.python_version(), "dill": dill.__version__, "platform": "linux"}
-
-
-def public_pem() -> str:
-    key = ed25519.Ed25519PrivateKey.generate()
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
 
 
 def auth(token: str) -> dict[str, str]:
