@@ -46,14 +46,21 @@ class BrokerClient:
 
     def _call(self, method: str, path: str, *, wait: float = 0.0, **kwargs: Any) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        try:
-            r = self._http.request(
-                method, self.url + path, headers=headers, timeout=self.timeout + wait, **kwargs
-            )
-        except requests.ConnectionError as exc:
-            raise BrokerUnreachable(f"cannot reach the broker at {self.url}: {_reason(exc)}") from None
-        except requests.Timeout:
-            raise BrokerUnreachable(f"the broker at {self.url} did not answer in time") from None
+        for attempt in (1, 2):
+            try:
+                r = self._http.request(
+                    method, self.url + path, headers=headers, timeout=self.timeout + wait, **kwargs
+                )
+                break
+            except requests.Timeout:
+                raise BrokerUnreachable(f"the broker at {self.url} did not answer in time") from None
+            except requests.ConnectionError as exc:
+                # gunicorn closes idle keep-alive connections after 2 s; a request sent
+                # on one just as it closes is aborted before the server read it, so a
+                # second try on a fresh connection is safe, for every method.
+                if attempt == 1 and "Connection aborted" in str(exc):
+                    continue
+                raise BrokerUnreachable(f"cannot reach the broker at {self.url}: {_reason(exc)}") from None
         if r.status_code >= 400:
             try:
                 body = r.json()
