@@ -8,13 +8,21 @@ import redis
 from broker_api import errors
 from broker_api.auth import AuthMiddleware, DatabaseMiddleware, TokenVersions
 from broker_api.availability import Availability
+from broker_api.challenges import Challenges
 from broker_api.health import HealthResource, OpenApiResource
 from broker_api.models import bind_database, create_tables
 from broker_api.sessions import MembershipResource, SessionResource, SessionsResource
 from broker_api.settings import Settings
 from broker_api.throttle import LoginThrottle
 from broker_api.tokens import TokenCodec, TokenKeys
-from broker_api.users import HeartbeatResource, JobsResource, MeResource, TokensResource, UsersResource
+from broker_api.users import (
+    ChallengesResource,
+    HeartbeatResource,
+    JobsResource,
+    MeResource,
+    TokensResource,
+    UsersResource,
+)
 from matchmaker.queue import match_queue
 from matchmaker.registry import Registry
 
@@ -43,13 +51,15 @@ def create_app(settings: Settings, *, conn: redis.Redis | None = None) -> falcon
     versions = TokenVersions(conn, settings.token_ttl)
     availability = Availability(Registry(conn, stale_after=settings.stale_after), match_queue(conn))
     throttle = LoginThrottle(conn, max_failures=settings.login_max_failures, window=settings.login_window)
+    challenges = Challenges(conn, ttl=settings.challenge_ttl, per_client=settings.challenges_per_client)
 
     app = falcon.App(middleware=[DatabaseMiddleware(database), AuthMiddleware(codec, versions)])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
-    app.add_route("/v1/users", UsersResource(settings, codec))
-    app.add_route("/v1/tokens", TokensResource(settings, codec, throttle))
-    app.add_route("/v1/users/me", MeResource(settings, codec, versions, availability))
+    app.add_route("/v1/challenges", ChallengesResource(challenges))
+    app.add_route("/v1/users", UsersResource(settings, codec, challenges))
+    app.add_route("/v1/tokens", TokensResource(settings, codec, throttle, challenges))
+    app.add_route("/v1/users/me", MeResource(settings, codec, versions, availability, throttle, challenges))
     app.add_route("/v1/users/me/jobs", JobsResource(settings, availability))
     app.add_route("/v1/users/me/heartbeat", HeartbeatResource(availability))
     app.add_route("/v1/sessions", SessionsResource(settings, availability))

@@ -13,7 +13,7 @@ import falcon
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
-from broker_api.exceptions import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from broker_api.exceptions import InvalidRequest, LengthRequired, PayloadTooLarge, UnsupportedMediaType
 from broker_api.schemas import Schema
 
 _validators: dict[int, Draft202012Validator] = {}
@@ -33,9 +33,15 @@ def _describe(error: ValidationError) -> str:
         extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         return f"unexpected field(s): {', '.join(extra)}" + (f" in {where}" if where else "")
     if error.validator == "required":
-        return error.message.replace("is a required property", "is required") + (
+        text = error.message.replace("is a required property", "is required") + (
             f" in {where}" if where else ""
         )
+        if text.startswith(("'challenge'", "'signature'")):
+            text += (
+                ": keys are now proven, not claimed: sign a challenge from POST /v1/challenges"
+                " with the key's private key (see /openapi.json)"
+            )
+        return text
     if error.validator == "dependentRequired":
         return error.message
     if error.validator == "pattern":
@@ -70,6 +76,28 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _read_unsized(req: falcon.Request, max_bytes: int) -> bytes:
+    """The body of a request without Content-Length: empty, or chunked.
+
+    A chunked body is read (at most ``max_bytes + 1`` bytes) only when the server
+    decodes chunks and marks the end of the input (``wsgi.input_terminated``, as
+    gunicorn does); otherwise it is refused with 411, never taken as empty.
+    """
+    if not req.get_header("Transfer-Encoding"):
+        return b""
+    if not req.env.get("wsgi.input_terminated"):
+        raise LengthRequired("this server cannot read a chunked body: send Content-Length")
+    parts: list[bytes] = []
+    left = max_bytes + 1
+    while left > 0:
+        chunk = req.stream.read(left)
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
 def read_json(
     req: falcon.Request, schema: Schema, *, max_bytes: int, optional: bool = False
 ) -> dict[str, Any]:
@@ -83,7 +111,7 @@ def read_json(
     length = req.content_length
     if length is not None and length > max_bytes:
         raise PayloadTooLarge(f"request body is {length} bytes; the limit is {max_bytes}")
-    raw = req.bounded_stream.read(max_bytes + 1)
+    raw = req.bounded_stream.read(max_bytes + 1) if length is not None else _read_unsized(req, max_bytes)
     if len(raw) > max_bytes:
         raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
     if not raw:

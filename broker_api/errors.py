@@ -24,6 +24,7 @@ STATUS: dict[type[exc.BrokerError], int] = {
     exc.Forbidden: 403,
     exc.NotFound: 404,
     exc.Conflict: 409,
+    exc.LengthRequired: 411,
     exc.PayloadTooLarge: 413,
     exc.UnsupportedMediaType: 415,
     exc.TooManyRequests: 429,

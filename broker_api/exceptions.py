@@ -58,6 +58,12 @@ class Conflict(BrokerError):
     title = "Conflict"
 
 
+class LengthRequired(BrokerError):
+    """A body without Content-Length that this server cannot read safely (411)."""
+
+    title = "Length required"
+
+
 class PayloadTooLarge(BrokerError):
     """The request body exceeds the configured cap (413)."""
 

@@ -61,7 +61,7 @@ class User(BaseModel):
     id = peewee.CharField(primary_key=True, max_length=32, default=new_id)
     email = peewee.CharField(max_length=254, unique=True)
     password_hash = peewee.CharField(max_length=255)
-    pub_key = peewee.TextField()
+    pub_key = peewee.TextField(unique=True)  # canonical PEM: one key, one account
     address = peewee.CharField(max_length=300)
     jobs = peewee.IntegerField(default=0)
     runtime = peewee.TextField(default="{}")

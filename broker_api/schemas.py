@@ -30,48 +30,109 @@ _ADDRESS: Schema = {
     "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$",
     "description": "host:port at which the peer accepts work.",
 }
-_VERSION: Schema = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": 32,
-    "pattern": r"^[0-9]+(\.[0-9A-Za-z]+)*$",
-}
 RUNTIME: Schema = {
     "type": "object",
-    "description": "What serialized code needs: Python and dill versions, platform.",
+    "description": (
+        "What serialized code needs: Python and dill versions, platform. Strict formats, so"
+        " that the matchmaker's runtime buckets stay few."
+    ),
     "properties": {
-        "python": _VERSION,
-        "dill": _VERSION,
-        "platform": {"type": "string", "minLength": 1, "maxLength": 64},
+        "python": {
+            "type": "string",
+            "maxLength": 16,
+            "pattern": r"^3\.[0-9]{1,2}(\.[0-9]{1,2}((a|b|rc)[0-9]{1,2})?\+?)?$",
+            "description": "Python version, e.g. 3.12 or 3.12.3.",
+        },
+        "dill": {
+            "type": "string",
+            "maxLength": 8,
+            "pattern": r"^[0-9]\.[0-9]{1,2}(\.[0-9]{1,2})?$",
+            "description": "dill version, e.g. 0.3.8.",
+        },
+        "platform": {
+            "type": "string",
+            "maxLength": 33,
+            "pattern": r"^[a-z0-9]{1,16}(-[A-Za-z0-9_]{1,16})?$",
+            "description": "sys.platform, optionally '-' and the machine, e.g. linux-x86_64.",
+        },
     },
     "required": ["python", "dill"],
     "additionalProperties": False,
 }
 _JOBS: Schema = {"type": "integer", "minimum": 0, "maximum": 1024}
 
+_CHALLENGE: Schema = {
+    "type": "string",
+    "pattern": "^[A-Za-z0-9_-]{43}$",
+    "description": "A challenge from POST /v1/challenges (single use, short-lived).",
+}
+
+
+def _signature(signer: str, purpose: str, subject: str) -> Schema:
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 256,
+        "pattern": "^[A-Za-z0-9+/]+={0,2}$",
+        "description": (
+            f"Base64 signature by {signer} over the UTF-8 bytes"
+            f" 'compute-broker/v1\\n{purpose}\\n<challenge>\\n<{subject}>'"
+            " (Ed25519, or ECDSA with SHA-256, DER-encoded)."
+        ),
+    }
+
+
 CREATE_USER: Schema = {
     "type": "object",
-    "properties": {"email": _EMAIL, "password": _PASSWORD, "pubKey": _PUB_KEY, "address": _ADDRESS},
-    "required": ["email", "password", "pubKey", "address"],
+    "properties": {
+        "email": _EMAIL,
+        "password": _PASSWORD,
+        "pubKey": _PUB_KEY,
+        "address": _ADDRESS,
+        "challenge": _CHALLENGE,
+        "signature": _signature("the private key of pubKey", "register", "email, lower-cased"),
+    },
+    "required": ["email", "password", "pubKey", "address", "challenge", "signature"],
     "additionalProperties": False,
 }
+_CURRENT_PASSWORD: Schema = {"type": "string", "minLength": 1, "maxLength": 1024}
 LOGIN: Schema = {
     "type": "object",
-    "properties": {"email": _EMAIL, "password": {"type": "string", "minLength": 1, "maxLength": 1024}},
-    "required": ["email", "password"],
+    "description": "Either password, or challenge and signature (key log-in, never throttled).",
+    "properties": {
+        "email": _EMAIL,
+        "password": _CURRENT_PASSWORD,
+        "challenge": _CHALLENGE,
+        "signature": _signature("the account's registered key", "login", "email, lower-cased"),
+    },
+    "required": ["email"],
     "additionalProperties": False,
+    "dependentRequired": {"challenge": ["signature"], "signature": ["challenge"]},
 }
 UPDATE_USER: Schema = {
     "type": "object",
+    "description": (
+        "Changing pubKey, address or password needs proof: currentPassword, or challenge and"
+        " currentSignature. A new pubKey also needs challenge and signature by its own key."
+    ),
     "properties": {
         "pubKey": _PUB_KEY,
         "address": _ADDRESS,
         "password": _PASSWORD,
-        "currentPassword": {"type": "string", "minLength": 1, "maxLength": 1024},
+        "currentPassword": _CURRENT_PASSWORD,
+        "challenge": _CHALLENGE,
+        "currentSignature": _signature("the account's registered key", "update", "account id"),
+        "signature": _signature("the private key of the new pubKey", "set-key", "account id"),
     },
     "additionalProperties": False,
     "minProperties": 1,
-    "dependentRequired": {"password": ["currentPassword"]},
+    "dependentRequired": {"signature": ["challenge"], "currentSignature": ["challenge"]},
+}
+CHALLENGE: Schema = {
+    "type": "object",
+    "properties": {"challenge": {"type": "string"}, "expiresAt": {"type": "integer"}},
+    "required": ["challenge", "expiresAt"],
+    "additionalProperties": False,
 }
 SET_JOBS: Schema = {
     "type": "object",

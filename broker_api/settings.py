@@ -53,6 +53,9 @@ class Settings:
         login_max_failures: failed logins per email (and ten times that per client
             address) within ``login_window`` seconds before 429.
         scrypt_n: scrypt cost parameter for password hashes.
+        challenge_ttl: seconds a key challenge (``POST /v1/challenges``) stays usable.
+        challenges_per_client: challenges one client address may get per
+            ``challenge_ttl`` seconds before 429.
     """
 
     database_url: str
@@ -66,6 +69,8 @@ class Settings:
     login_max_failures: int = 5
     login_window: int = 300
     scrypt_n: int = 2**14
+    challenge_ttl: int = 60
+    challenges_per_client: int = 600
 
     @property
     def stale_after(self) -> int:
@@ -89,4 +94,6 @@ class Settings:
             login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 5),
             login_window=_int(env, "LOGIN_WINDOW", 300),
             scrypt_n=_int(env, "SCRYPT_N", 2**14),
+            challenge_ttl=_int(env, "CHALLENGE_TTL", 60),
+            challenges_per_client=_int(env, "CHALLENGES_PER_CLIENT", 600),
         )

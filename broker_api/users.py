@@ -7,12 +7,12 @@ from typing import Any
 
 import falcon
 import peewee
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from broker_api import schemas
 from broker_api.auth import TokenVersions
 from broker_api.availability import Availability
 from broker_api.bodies import read_json
+from broker_api.challenges import Challenges, message, normalize, verify
 from broker_api.exceptions import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
 from broker_api.models import Member, Session, User, db
 from broker_api.passwords import DUMMY_HASH, hash_password, verify_password
@@ -34,14 +34,6 @@ def user_view(user: User) -> dict[str, Any]:
     }
 
 
-def _check_pub_key(pem: str) -> str:
-    try:
-        load_pem_public_key(pem.encode())
-    except (ValueError, TypeError):
-        raise InvalidRequest("field 'pubKey' must be a PEM-encoded public key") from None
-    return pem.strip() + "\n"
-
-
 def _check_address(address: str) -> str:
     port = int(address.rsplit(":", 1)[1])
     if not 1 <= port <= 65535:
@@ -61,28 +53,65 @@ def _me(req: falcon.Request) -> User:
     return user
 
 
-class UsersResource:
-    """``POST /v1/users``: create an account and return it with a first token."""
+def _client(req: falcon.Request) -> str:
+    return req.remote_addr or "unknown"
+
+
+_STALE_CHALLENGE = (
+    "field 'challenge' is unknown, already used or expired; get a fresh one from POST /v1/challenges"
+)
+
+
+class ChallengesResource:
+    """``POST /v1/challenges``: a fresh single-use nonce for a key to sign."""
 
     public = True
 
-    def __init__(self, settings: Settings, codec: TokenCodec) -> None:
+    def __init__(self, challenges: Challenges) -> None:
+        self._challenges = challenges
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        challenge, expires = self._challenges.issue(_client(req))
+        resp.status = falcon.HTTP_201
+        resp.media = {"challenge": challenge, "expiresAt": expires}
+
+
+class UsersResource:
+    """``POST /v1/users``: create an account and return it with a first token.
+
+    The body carries a signature by the private key of ``pubKey`` over a fresh
+    challenge (purpose ``register``, subject the email): keys are proven, not claimed.
+    """
+
+    public = True
+
+    def __init__(self, settings: Settings, codec: TokenCodec, challenges: Challenges) -> None:
         self._settings = settings
         self._codec = codec
+        self._challenges = challenges
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_json(req, schemas.CREATE_USER, max_bytes=self._settings.max_body_bytes)
         email = _normalize_email(body["email"])
-        pub_key = _check_pub_key(body["pubKey"])
+        pub_key = normalize(body["pubKey"])
         address = _check_address(body["address"])
+        if not self._challenges.consume(body["challenge"]):
+            raise InvalidRequest(_STALE_CHALLENGE)
+        if not verify(pub_key, body["signature"], message("register", body["challenge"], email)):
+            raise InvalidRequest(
+                "field 'signature' is not pubKey's signature over the challenge"
+                " (purpose 'register', subject the lower-cased email)"
+            )
         if User.select().where(User.email == email).exists():
             raise Conflict(f"an account with email {email!r} already exists")
+        if User.select().where(User.pub_key == pub_key).exists():
+            raise Conflict("this pubKey is registered to another account")
         password_hash = hash_password(body["password"], n=self._settings.scrypt_n)
         try:
             with db.atomic():
                 user = User.create(email=email, password_hash=password_hash, pub_key=pub_key, address=address)
         except peewee.IntegrityError:
-            raise Conflict(f"an account with email {email!r} already exists") from None
+            raise Conflict("an account with this email or pubKey already exists") from None
         token, expires = self._codec.issue(user.id, user.token_version)
         resp.status = falcon.HTTP_201
         resp.location = "/v1/users/me"
@@ -90,68 +119,155 @@ class UsersResource:
 
 
 class TokensResource:
-    """``POST /v1/tokens``: log in with email and password, throttled on failures."""
+    """``POST /v1/tokens``: log in with the account's key (a signed challenge) or with
+    email and password. Only password log-ins pass through the throttle."""
 
     public = True
 
-    def __init__(self, settings: Settings, codec: TokenCodec, throttle: LoginThrottle) -> None:
+    def __init__(
+        self, settings: Settings, codec: TokenCodec, throttle: LoginThrottle, challenges: Challenges
+    ) -> None:
         self._settings = settings
         self._codec = codec
         self._throttle = throttle
+        self._challenges = challenges
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_json(req, schemas.LOGIN, max_bytes=self._settings.max_body_bytes)
         email = _normalize_email(body["email"])
-        client = req.remote_addr or "unknown"
-        self._throttle.check(email, client)
-        user = User.get_or_none(User.email == email)
-        # Verify against a dummy hash for unknown emails: same cost, no enumeration.
-        ok = verify_password(body["password"], user.password_hash if user else DUMMY_HASH)
-        if not ok or user is None:
-            self._throttle.failed(email, client)
-            raise Unauthorized("wrong email or password")
-        self._throttle.succeeded(email)
+        if "password" in body and "challenge" in body:
+            raise InvalidRequest("give either password, or challenge and signature, not both")
+        if "challenge" in body:
+            user = self._by_key(email, body["challenge"], body["signature"])
+        elif "password" in body:
+            user = self._by_password(email, body["password"], _client(req))
+        else:
+            raise InvalidRequest("give password, or challenge and signature (log-in by key)")
         token, expires = self._codec.issue(user.id, user.token_version)
         resp.status = falcon.HTTP_201
         resp.media = {"token": token, "expiresAt": expires}
 
+    def _by_key(self, email: str, challenge: str, signature: str) -> User:
+        fresh = self._challenges.consume(challenge)
+        user = User.get_or_none(User.email == email)
+        if (
+            not fresh
+            or user is None
+            or not verify(user.pub_key, signature, message("login", challenge, email))
+        ):
+            raise Unauthorized("wrong email, key or challenge (challenges are single-use and short-lived)")
+        return user
+
+    def _by_password(self, email: str, password: str, client: str) -> User:
+        self._throttle.attempt(email, client)
+        user = User.get_or_none(User.email == email)
+        # Verify against a dummy hash for unknown emails: same cost, no enumeration.
+        ok = verify_password(password, user.password_hash if user else DUMMY_HASH)
+        if not ok or user is None:
+            raise Unauthorized("wrong email or password")
+        self._throttle.succeeded(email, client)
+        return user
+
 
 class MeResource:
-    """``/v1/users/me``: read, update or delete the caller's account."""
+    """``/v1/users/me``: read, update or delete the caller's account.
+
+    A token alone reads the account; changing its key, address or password needs proof
+    too: ``currentPassword`` (throttled like a log-in) or ``currentSignature``, the
+    registered key's signature over a fresh challenge. A new key proves itself with
+    ``signature`` over the same challenge.
+    """
 
     def __init__(
-        self, settings: Settings, codec: TokenCodec, versions: TokenVersions, availability: Availability
+        self,
+        settings: Settings,
+        codec: TokenCodec,
+        versions: TokenVersions,
+        availability: Availability,
+        throttle: LoginThrottle,
+        challenges: Challenges,
     ) -> None:
         self._settings = settings
         self._codec = codec
         self._versions = versions
         self._availability = availability
+        self._throttle = throttle
+        self._challenges = challenges
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = user_view(_me(req))
 
+    def _prove(self, req: falcon.Request, body: dict[str, Any], user: User) -> None:
+        """Check the proof of ownership the body carries; raise unless there is one."""
+        proven = False
+        if "currentPassword" in body:
+            self._throttle.attempt(user.email, _client(req))
+            if not verify_password(body["currentPassword"], user.password_hash):
+                raise Forbidden("field 'currentPassword' is wrong")
+            self._throttle.succeeded(user.email, _client(req))
+            proven = True
+        if "challenge" in body and not self._challenges.consume(body["challenge"]):
+            raise InvalidRequest(_STALE_CHALLENGE)
+        if "currentSignature" in body:
+            if not verify(
+                user.pub_key, body["currentSignature"], message("update", body["challenge"], user.id)
+            ):
+                raise Forbidden(
+                    "field 'currentSignature' is not the registered key's signature over the challenge"
+                    " (purpose 'update', subject the account id)"
+                )
+            proven = True
+        if not proven:
+            raise InvalidRequest(
+                "changing pubKey, address or password needs proof, not only a token: give"
+                " currentPassword, or challenge and currentSignature (the registered key's)"
+            )
+
     def on_patch(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_json(req, schemas.UPDATE_USER, max_bytes=self._settings.max_body_bytes)
-        if set(body) == {"currentPassword"}:
+        if not {"pubKey", "address", "password"} & set(body):
             raise InvalidRequest("nothing to update: give pubKey, address or password")
         user = _me(req)
-        if "pubKey" in body:
-            user.pub_key = _check_pub_key(body["pubKey"])
-        if "address" in body:
-            user.address = _check_address(body["address"])
+        new_key = normalize(body["pubKey"]) if "pubKey" in body else None
+        if new_key is not None and new_key == normalize(user.pub_key):
+            new_key = None  # the same key again: nothing to prove for it
+        address = _check_address(body["address"]) if "address" in body else None
+        if address == user.address:
+            address = None
+        if new_key is None and address is None and "password" not in body:
+            resp.media = user_view(user)  # nothing changes: no proof needed
+            return
+        if new_key is not None and "signature" not in body:
+            raise InvalidRequest(
+                "field 'signature' is required with a new pubKey: its key's signature over a"
+                " challenge from POST /v1/challenges (purpose 'set-key', subject the account id)"
+            )
+        self._prove(req, body, user)
+        if new_key is not None:
+            if not verify(new_key, body["signature"], message("set-key", body["challenge"], user.id)):
+                raise InvalidRequest(
+                    "field 'signature' is not the new pubKey's signature over the challenge"
+                    " (purpose 'set-key', subject the account id)"
+                )
+            if User.select().where((User.pub_key == new_key) & (User.id != user.id)).exists():
+                raise Conflict("this pubKey is registered to another account")
+            user.pub_key = new_key
+        if address is not None:
+            user.address = address
         new_token: dict[str, Any] = {}
         if "password" in body:
-            if not verify_password(body["currentPassword"], user.password_hash):
-                raise Forbidden("currentPassword is wrong")
             user.password_hash = hash_password(body["password"], n=self._settings.scrypt_n)
             user.token_version += 1
-        with db.atomic():
-            user.save()
+        try:
+            with db.atomic():
+                user.save()
+        except peewee.IntegrityError:
+            raise Conflict("this pubKey is registered to another account") from None
         if "password" in body:
             self._versions.set(user.id, user.token_version)
             token, expires = self._codec.issue(user.id, user.token_version)
             new_token = {"token": token, "expiresAt": expires}
-        if user.jobs and ("pubKey" in body or "address" in body):
+        if user.jobs and (new_key is not None or address is not None):
             self._availability.announce(user)
         resp.media = {**user_view(user), **new_token}
 

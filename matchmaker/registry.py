@@ -50,7 +50,17 @@ if redis.call('EXISTS', 'cb:epoch') == 0 then return {-1, 0} end
 local uid, total, bucket = ARGV[1], tonumber(ARGV[2]), ARGV[6]
 local pkey = 'cb:peer:' .. uid
 local old = redis.call('HGET', pkey, 'bucket')
-if old and old ~= bucket then redis.call('ZREM', 'cb:free:' .. old, uid) end
+if old ~= bucket then
+  -- cb:bucket-peers counts the peers in each bucket; an emptied bucket is forgotten.
+  if old then
+    redis.call('ZREM', 'cb:free:' .. old, uid)
+    if redis.call('HINCRBY', 'cb:bucket-peers', old, -1) <= 0 then
+      redis.call('HDEL', 'cb:bucket-peers', old)
+      redis.call('SREM', 'cb:buckets', old)
+    end
+  end
+  redis.call('HINCRBY', 'cb:bucket-peers', bucket, 1)
+end
 redis.call('HSET', pkey, 'total', total, 'address', ARGV[3], 'pubKey', ARGV[4],
            'runtime', ARGV[5], 'bucket', bucket)
 local held = tonumber(redis.call('HGET', pkey, 'held') or '0')
@@ -69,7 +79,13 @@ return {grew, redis.call('ZCARD', 'cb:pending')}
 _WITHDRAW = """
 local pkey = 'cb:peer:' .. ARGV[1]
 local bucket = redis.call('HGET', pkey, 'bucket')
-if bucket then redis.call('ZREM', 'cb:free:' .. bucket, ARGV[1]) end
+if bucket then
+  redis.call('ZREM', 'cb:free:' .. bucket, ARGV[1])
+  if redis.call('HINCRBY', 'cb:bucket-peers', bucket, -1) <= 0 then
+    redis.call('HDEL', 'cb:bucket-peers', bucket)
+    redis.call('SREM', 'cb:buckets', bucket)
+  end
+end
 redis.call('ZREM', 'cb:hb', ARGV[1])
 redis.call('DEL', pkey)
 return 1
@@ -267,7 +283,7 @@ class Registry:
         return int(freed), pending > 0
 
     def buckets(self) -> list[str]:
-        """Every runtime bucket that has had peers."""
+        """Every runtime bucket that has peers (emptied buckets are removed)."""
         return sorted(_s(b) for b in self.conn.smembers(keys.BUCKETS))
 
     def peer(self, user_id: str) -> PeerInfo | None:

@@ -7,11 +7,14 @@ unreachable broker as `BrokerUnreachable` with the URL, so the CLI can print one
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 
 from peer.errors import PeerError
+
+if TYPE_CHECKING:
+    from peer.identity import Identity
 
 
 class BrokerError(PeerError):
@@ -33,12 +36,17 @@ class BrokerClient:
         url: The broker's base URL, e.g. ``http://127.0.0.1:8000``.
         token: A token from `login` or `signup`; set later with ``client.token = ...``.
         timeout: Seconds to wait for an answer (long-polls add their wait to it).
+        identity: The key pair that signs broker challenges: to sign up, to log in by
+            key, and to prove changes of key or address.
     """
 
-    def __init__(self, url: str, token: str | None = None, *, timeout: float = 15.0) -> None:
+    def __init__(
+        self, url: str, token: str | None = None, *, timeout: float = 15.0, identity: Identity | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.identity = identity
         self._http = requests.Session()
 
     def close(self) -> None:
@@ -70,23 +78,66 @@ class BrokerClient:
         return r.json() if r.content else None
 
     # -- accounts ---------------------------------------------------------------
+    def _identity(self) -> Identity:
+        if self.identity is None:
+            raise PeerError("no key pair to sign the broker's challenge with (BrokerClient(identity=...))")
+        return self.identity
+
+    def challenge(self) -> str:
+        """A fresh single-use challenge for a key to sign."""
+        return self._call("POST", "/v1/challenges")["challenge"]
+
     def signup(self, email: str, password: str, pub_key: str, address: str) -> dict[str, Any]:
-        """Create an account and keep its token."""
-        body = {"email": email, "password": password, "pubKey": pub_key, "address": address}
+        """Create an account, proving ``pub_key`` with the client's identity, and keep its token."""
+        identity = self._identity()
+        if pub_key != identity.public_key:
+            raise PeerError("signup: pub_key must be the public key of the client's identity")
+        challenge = self.challenge()
+        body = {
+            "email": email,
+            "password": password,
+            "pubKey": pub_key,
+            "address": address,
+            "challenge": challenge,
+            "signature": identity.sign("register", challenge, email.strip().lower()),
+        }
         user = self._call("POST", "/v1/users", json=body)
         self.token = user["token"]
         return user
 
-    def login(self, email: str, password: str) -> str:
-        """Get (and keep) a fresh token."""
-        self.token = self._call("POST", "/v1/tokens", json={"email": email, "password": password})["token"]
+    def login(self, email: str, password: str | None = None) -> str:
+        """Get (and keep) a fresh token: by password if given, else by the identity's key
+        (a signed challenge, which failed password guesses never throttle)."""
+        if password is not None:
+            body = {"email": email, "password": password}
+        else:
+            challenge = self.challenge()
+            body = {
+                "email": email,
+                "challenge": challenge,
+                "signature": self._identity().sign("login", challenge, email.strip().lower()),
+            }
+        self.token = self._call("POST", "/v1/tokens", json=body)["token"]
         return self.token
 
     def me(self) -> dict[str, Any]:
         return self._call("GET", "/v1/users/me")
 
     def update_me(self, **fields: str) -> dict[str, Any]:
-        """PATCH the account: ``pubKey``, ``address`` (and ``password`` with ``currentPassword``)."""
+        """PATCH the account: ``pubKey``, ``address``, ``password``.
+
+        Proof is added from the identity: ``signature`` by the new key when ``pubKey``
+        is given, and unless ``currentPassword`` is, ``currentSignature`` by the
+        registered key (the identity's: it must be the one registered).
+        """
+        if self.identity is not None and {"pubKey", "address", "password"} & set(fields):
+            challenge = self.challenge()
+            user_id = self.me()["id"]
+            fields = {**fields, "challenge": challenge}
+            if "pubKey" in fields:
+                fields["signature"] = self.identity.sign("set-key", challenge, user_id)
+            if "currentPassword" not in fields:
+                fields["currentSignature"] = self.identity.sign("update", challenge, user_id)
         return self._call("PATCH", "/v1/users/me", json=fields)
 
     def set_jobs(self, jobs: int, runtime: dict[str, str] | None = None) -> int:

@@ -41,31 +41,44 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    """Create (or log in to) the account and register this machine's key."""
+    """Create (or log in to) the account and register this machine's key.
+
+    Logs in by key first (never a password failure, so a new account is not counted
+    against the throttle); only a new account, or a new key for an existing account,
+    needs the password. The password is never written to disk.
+    """
     home = Path(args.home)
     identity = Identity.load_or_create(home)
-    password = _password(args)
-    client = BrokerClient(args.broker)
+    client = BrokerClient(args.broker, identity=identity)
     address = args.address or "127.0.0.1:7000"
+    created = False
+    fields = {"pubKey": identity.public_key}
+    if args.address:
+        fields["address"] = args.address
     try:
-        client.login(args.email, password)
-        created = False
+        client.login(args.email)  # this key is already the account's
     except BrokerError as exc:
         if exc.status != 401:
             raise
+        password = _password(args)
         try:
             client.signup(args.email, password, identity.public_key, address)
             created = True
         except BrokerError as exc2:
-            if exc2.status == 409:
-                raise PeerError(f"wrong password for {args.email}") from None
-            raise
-    fields = {"pubKey": identity.public_key}
-    if args.address:
-        fields["address"] = args.address
+            if exc2.status != 409:
+                raise
+            # The account exists with another key (a new machine): the password proves
+            # it is ours, the new key signs for itself.
+            try:
+                client.login(args.email, password)
+            except BrokerError as exc3:
+                if exc3.status == 401:
+                    raise PeerError(f"wrong password for {args.email}") from None
+                raise
+            fields["currentPassword"] = password
     me = client.update_me(**fields)
     client.set_jobs(0, local_runtime())
-    Account(args.broker, args.email, password, client.token or "", me["id"]).save(home)
+    Account(args.broker, args.email, client.token or "", me["id"]).save(home)
     verb = "created" if created else "logged in to"
     print(f"{verb} account {args.email} ({me['id']}) at {args.broker}; key pair in {home}")
     return 0
@@ -75,13 +88,13 @@ def _logged_in(home: Path, broker: str | None) -> tuple[Account, BrokerClient]:
     account = Account.load(home)
     if broker:
         account.broker = broker
-    client = BrokerClient(account.broker, account.token)
+    client = BrokerClient(account.broker, account.token, identity=Identity.load(home))
     try:
         client.me()
     except BrokerError as exc:
         if exc.status != 401:
             raise
-        client.login(account.email, account.password)
+        client.login(account.email)  # by key: no password needed, none stored
         account.token = client.token or ""
         account.save(home)
     return account, client
@@ -94,7 +107,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     account, client = _logged_in(home, args.broker)
 
     def relogin() -> None:
-        client.login(account.email, account.password)
+        client.login(account.email)
+        account.token = client.token or ""
+        account.save(home)
 
     limits = Limits(memory=args.memory * 1024 * 1024, cpu_seconds=args.cpu_seconds, timeout=args.task_timeout)
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="compute-broker-"))

@@ -2,8 +2,9 @@
 
 One directory (``$COMPUTE_BROKER_HOME``, default ``~/.config/compute-broker``) holds
 ``key.pem`` (mode 0600), ``cert.pem`` and ``account.json`` (mode 0600: broker URL,
-email, the latest token and, so that a long-running peer can log in again when its
-token expires, the password). It is the same protection the private key gets.
+email, account id and the latest token). No password is ever stored: a peer or pool
+logs in again by signing a broker challenge with ``key.pem``. An ``account.json``
+written by an older version is rewritten without its password when loaded.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ class Account:
 
     broker: str
     email: str
-    password: str
     token: str = ""
     user_id: str = ""
 
@@ -44,12 +44,15 @@ class Account:
         if not path.exists():
             raise PeerError(f"no account in {home}; run `python -m peer init` first")
         if path.stat().st_mode & 0o077:
-            raise PeerError(f"{path} holds your password and is readable by others; chmod 600 it")
+            raise PeerError(f"{path} holds your token and is readable by others; chmod 600 it")
         try:
             data = json.loads(path.read_text())
-            return cls(**{k: str(data[k]) for k in ("broker", "email", "password", "token", "user_id")})
+            account = cls(**{k: str(data[k]) for k in ("broker", "email", "token", "user_id")})
         except (ValueError, KeyError, TypeError) as exc:
             raise PeerError(f"{path} is damaged ({exc}); run `python -m peer init` again") from None
+        if "password" in data:
+            account.save(home)  # an older version kept the password: drop it
+        return account
 
     def save(self, home: Path) -> None:
         home = Path(home)

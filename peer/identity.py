@@ -9,6 +9,7 @@ config directory; sandboxed tasks run as another uid and cannot read it.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import os
@@ -56,6 +57,11 @@ def normalize_public_key(pem: str) -> str:
     return _spki_pem(key)
 
 
+def challenge_message(purpose: str, challenge: str, subject: str) -> bytes:
+    """What a key signs to use a broker challenge (``broker_api.challenges.message``)."""
+    return f"compute-broker/v1\n{purpose}\n{challenge}\n{subject}".encode()
+
+
 def fingerprint(pub_pem: str) -> str:
     """Short SHA-256 fingerprint of a public key, for logs."""
     return hashlib.sha256(normalize_public_key(pub_pem).encode()).hexdigest()[:16]
@@ -86,6 +92,15 @@ class Identity:
     def public_key(self) -> str:
         """The pubKey to register at the broker."""
         return public_key_pem(self.cert_pem)
+
+    def sign(self, purpose: str, challenge: str, subject: str) -> str:
+        """Base64 ECDSA (SHA-256) signature over a broker challenge for ``purpose``."""
+        raw = self.key_path.read_bytes()
+        key = serialization.load_pem_private_key(raw, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise IdentityError(f"{self.key_path} is not an EC private key")
+        signature = key.sign(challenge_message(purpose, challenge, subject), ec.ECDSA(hashes.SHA256()))
+        return base64.b64encode(signature).decode()
 
     @classmethod
     def load(cls, directory: Path) -> Identity:

@@ -144,11 +144,14 @@ class Pool(Executor):
         account = None
         if token is None and email is None:
             account = Account.load(self.home)
-        self._client = BrokerClient(broker or (account.broker if account else default_broker()))
-        self._credentials = (email, password) if email else None
+        self._client = BrokerClient(
+            broker or (account.broker if account else default_broker()), identity=self.identity
+        )
+        # (email, password or None): None logs in by key (a signed challenge).
+        self._credentials: tuple[str, str | None] | None = (email, password) if email else None
         self._client.token = token or (account.token if account else None)
         if account and not token:
-            self._credentials = (account.email, account.password)
+            self._credentials = (account.email, None)
         self.workers, self.min_workers, self.timeout = workers, min_workers, timeout
         self.trust_results, self.max_tries, self.window = trust_results, max_tries, window
         self.silence = silence

@@ -37,6 +37,7 @@ Exit status 0 only with no errors and no inconsistencies. Passwords are hashed w
 from __future__ import annotations
 
 import argparse
+import base64
 import itertools
 import random
 import statistics
@@ -121,13 +122,35 @@ class Budget:
             self._left += count
 
 
-def public_pem() -> str:
-    key = ed25519.Ed25519PrivateKey.generate()
+def public_pem(key: ed25519.Ed25519PrivateKey | None = None) -> str:
+    """The pubKey PEM of ``key`` (default: a fresh key nobody will sign with)."""
+    key = key or ed25519.Ed25519PrivateKey.generate()
     return (
         key.public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode()
     )
+
+
+def sign(key: ed25519.Ed25519PrivateKey, purpose: str, challenge: str, subject: str) -> str:
+    """Base64 signature over a broker challenge (see ``broker_api.challenges``)."""
+    data = f"compute-broker/v1\n{purpose}\n{challenge}\n{subject}".encode()
+    return base64.b64encode(key.sign(data)).decode()
+
+
+def user_body(
+    challenge: str, email: str, password: str, address: str, key: ed25519.Ed25519PrivateKey | None = None
+) -> dict[str, str]:
+    """A ``POST /v1/users`` body whose pubKey is proven by signing ``challenge``."""
+    key = key or ed25519.Ed25519PrivateKey.generate()
+    return {
+        "email": email,
+        "password": password,
+        "pubKey": public_pem(key),
+        "address": address,
+        "challenge": challenge,
+        "signature": sign(key, "register", challenge, email.strip().lower()),
+    }
 
 
 class Client:
@@ -166,12 +189,10 @@ class Client:
 
     def setup(self) -> bool:
         """Create the account and log in (the log-in's token is the one used)."""
-        body = {
-            "email": self.email,
-            "password": PASSWORD,
-            "pubKey": public_pem(),
-            "address": f"127.0.0.1:{20000 + self.index}",
-        }
+        got = self.call("POST", "POST /v1/challenges", "/v1/challenges", 201)
+        if got is None:
+            return False
+        body = user_body(got.json()["challenge"], self.email, PASSWORD, f"127.0.0.1:{20000 + self.index}")
         created = self.call("POST", "POST /v1/users", "/v1/users", 201, json=body)
         if created is None:
             return False

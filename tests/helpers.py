@@ -7,10 +7,25 @@ import platform
 from typing import Any
 
 import dill
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from scripts.load import public_pem
+from scripts.load import public_pem, sign, user_body
 
-__all__ = ["RUNTIME", "auth", "offer", "public_pem", "request_pool", "signup"]
+__all__ = [
+    "KEYS",
+    "RUNTIME",
+    "auth",
+    "challenge",
+    "offer",
+    "public_pem",
+    "request_pool",
+    "sign",
+    "signup",
+    "user_body",
+]
+
+#: The private key of each account made by `signup`, by account id.
+KEYS: dict[str, ed25519.Ed25519PrivateKey] = {}
 
 _counter = itertools.count()
 RUNTIME = {"python": platform.python_version(), "dill": dill.__version__, "platform": "linux"}
@@ -20,25 +35,29 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def challenge(client: Any) -> str:
+    """A fresh challenge from the broker."""
+    result = client.post("/v1/challenges")
+    assert result.status_code == 201, result.text
+    return result.json["challenge"]
+
+
 def signup(
     client: Any,
     email: str | None = None,
     *,
     password: str = "correct horse battery",  # noqa: S107
+    key: ed25519.Ed25519PrivateKey | None = None,
 ) -> dict[str, Any]:
-    """Create an account; returns its JSON (with ``token``)."""
+    """Create an account with a signed challenge; returns its JSON (with ``token``).
+    Its private key is kept in ``KEYS[id]``."""
     n = next(_counter)
     email = email or f"user{n}@example.org"
-    result = client.post(
-        "/v1/users",
-        json={
-            "email": email,
-            "password": password,
-            "pubKey": public_pem(),
-            "address": f"127.0.0.1:{20000 + n}",
-        },
-    )
+    key = key or ed25519.Ed25519PrivateKey.generate()
+    body = user_body(challenge(client), email, password, f"127.0.0.1:{20000 + n}", key)
+    result = client.post("/v1/users", json=body)
     assert result.status_code == 201, result.text
+    KEYS[result.json["id"]] = key
     return result.json
 
 

@@ -11,7 +11,7 @@ import jwt
 import pytest
 
 from broker_api.models import Member, Session, User, db
-from tests.helpers import auth, offer, public_pem, request_pool, signup
+from tests.helpers import auth, challenge, offer, public_pem, request_pool, signup, user_body
 
 VALID: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/v1/users"): {
@@ -19,9 +19,14 @@ VALID: dict[tuple[str, str], dict[str, Any]] = {
         "password": "long enough",
         "pubKey": "<pem>",
         "address": "h:1",
+        "challenge": "<challenge>",
+        "signature": "<signature>",
     },
     ("POST", "/v1/tokens"): {"email": "someone@example.org", "password": "whatever it is"},
-    ("PATCH", "/v1/users/me"): {"address": "elsewhere.example.org:9"},
+    ("PATCH", "/v1/users/me"): {
+        "address": "elsewhere.example.org:9",
+        "currentPassword": "correct horse battery",
+    },
     ("POST", "/v1/users/me/jobs"): {"jobs": 2},
     ("POST", "/v1/sessions"): {"workers": 2, "minWorkers": 1, "timeout": 5},
 }
@@ -30,17 +35,22 @@ WRONG_TYPES: dict[tuple[str, str], list[dict[str, Any]]] = {
                             {"email": "not-an-email"}, {"password": "short"}, {"pubKey": "not a key"},
                             {"address": "no-port"}, {"address": "host:99999"},
                             {"email": "nul\x00@example.org"}, {"address": "h\x00st:1"}],
-    ("POST", "/v1/tokens"): [{"email": None}, {"password": 12345678}, {"email": "a\x00@example.org"}],
-    ("PATCH", "/v1/users/me"): [{"address": True}, {"pubKey": 1}, {"address": "a b:1"}],
+    ("POST", "/v1/tokens"): [{"email": None}, {"password": 12345678}, {"email": "a\x00@example.org"},
+                             {"challenge": "short"}, {"signature": "not base64!"}],
+    ("PATCH", "/v1/users/me"): [{"address": True}, {"pubKey": 1}, {"address": "a b:1"},
+                                {"challenge": 5}, {"currentSignature": "%%%"}],
     ("POST", "/v1/users/me/jobs"): [{"jobs": "2"}, {"jobs": -1}, {"jobs": 1.5}, {"jobs": True},
                                     {"jobs": 10**6}, {"runtime": "3.11"}, {"runtime": {"python": 3}},
-                                    {"runtime": {"python": "3.11\x00", "dill": "0.4", "platform": "x"}}],
+                                    {"runtime": {"python": "3.11\x00", "dill": "0.4", "platform": "x"}},
+                                    {"runtime": {"python": "3.11.x", "dill": "0.4"}},
+                                    {"runtime": {"python": "3.11", "dill": "0.4" + "1" * 40}},
+                                    {"runtime": {"python": "3.11", "dill": "0.4", "platform": "a b"}}],
     ("POST", "/v1/sessions"): [{"workers": "2"}, {"workers": 0}, {"workers": 10**9}, {"timeout": -1},
                                {"minWorkers": 3}, {"runtime": []}, {"workers": None}],
 }  # fmt: skip
 REQUIRED = {
-    ("POST", "/v1/users"): ["email", "password", "pubKey", "address"],
-    ("POST", "/v1/tokens"): ["email", "password"],
+    ("POST", "/v1/users"): ["email", "password", "pubKey", "address", "challenge", "signature"],
+    ("POST", "/v1/tokens"): ["email"],
     ("POST", "/v1/sessions"): ["workers"],
 }
 AUTHED = [
@@ -65,7 +75,7 @@ def world(client, run_matchmaker):
     offer(client, peer["token"], 2)
     sid = request_pool(client, owner["token"], 1)["id"]
     run_matchmaker()
-    return {"peer": peer, "owner": owner, "sid": sid}
+    return {"peer": peer, "owner": owner, "sid": sid, "client": client}
 
 
 def snapshot(conn) -> Any:
@@ -79,7 +89,7 @@ def snapshot(conn) -> Any:
         members = sorted((m.session_id, m.user_id, m.slots) for m in Member.select())
     state = {}
     for key in conn.scan_iter("cb:*"):
-        if key.startswith((b"cb:tokver:", b"cb:login-fail:")):
+        if key.startswith((b"cb:tokver:", b"cb:login-fail:", b"cb:challenge")):
             continue
         kind = conn.type(key)
         if kind == b"hash":
@@ -94,7 +104,10 @@ def snapshot(conn) -> Any:
 
 def _body(world, key):
     body = dict(VALID[key])
-    if "pubKey" in body:
+    if "challenge" in body:  # a valid sign-up: a fresh key proven over a fresh challenge
+        signed = user_body(challenge(world["client"]), body["email"], body["password"], body["address"])
+        body.update(signed)
+    elif "pubKey" in body:
         body["pubKey"] = public_pem()
     return body
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
-from tests.helpers import auth, public_pem, signup
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from tests.helpers import KEYS, auth, challenge, public_pem, sign, signup, user_body
 
 
 def test_signup_returns_account_and_working_token(client):
@@ -19,10 +21,7 @@ def test_signup_returns_account_and_working_token(client):
 
 def test_email_taken_is_409_case_insensitively(client):
     signup(client, "bob@example.org")
-    r = client.post(
-        "/v1/users",
-        json={"email": "BOB@example.org", "password": "x" * 10, "pubKey": public_pem(), "address": "h:1"},
-    )
+    r = client.post("/v1/users", json=user_body(challenge(client), "BOB@example.org", "x" * 10, "h:1"))
     assert r.status_code == 409
     assert "already exists" in r.json["description"]
 
@@ -74,13 +73,21 @@ def test_password_is_stored_with_scrypt_and_salt(client):
 
 def test_patch_updates_address_and_key(client):
     user = signup(client)
-    new_key = public_pem()
+    key = ed25519.Ed25519PrivateKey.generate()
+    new_key = public_pem(key)
+    c = challenge(client)
     r = client.patch(
         "/v1/users/me",
-        json={"address": "peer.example.org:7000", "pubKey": new_key},
+        json={
+            "address": "peer.example.org:7000",
+            "pubKey": new_key,
+            "challenge": c,
+            "signature": sign(key, "set-key", c, user["id"]),
+            "currentSignature": sign(KEYS[user["id"]], "update", c, user["id"]),
+        },
         headers=auth(user["token"]),
     )
-    assert r.status_code == 200
+    assert r.status_code == 200, r.text
     assert r.json["address"] == "peer.example.org:7000"
     assert r.json["pubKey"] == new_key
     assert "token" not in r.json
