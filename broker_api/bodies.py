@@ -7,15 +7,27 @@ any handler sees the data.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import falcon
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 from broker_api.exceptions import InvalidRequest, LengthRequired, PayloadTooLarge, UnsupportedMediaType
 from broker_api.schemas import Schema
 
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Any:
+    """``pattern`` as JSON Schema (ECMA-262) means it: Python's ``$`` also matches
+    before a final newline, which would let ``"3.12\n"`` or ``"a@b\n"`` through."""
+    if not isinstance(instance, str):
+        return
+    if not re.search(pattern, instance) or (pattern.endswith("$") and instance.endswith("\n")):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Strict = validators.extend(Draft202012Validator, {"pattern": _pattern})
 _validators: dict[int, Draft202012Validator] = {}
 
 
@@ -23,7 +35,7 @@ def _validator(schema: Schema) -> Draft202012Validator:
     key = id(schema)
     if key not in _validators:
         Draft202012Validator.check_schema(schema)
-        _validators[key] = Draft202012Validator(schema)
+        _validators[key] = _Strict(schema)
     return _validators[key]
 
 

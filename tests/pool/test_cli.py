@@ -106,3 +106,66 @@ def test_sigterm_lets_running_tasks_finish(stack, workdir, requester):
         assert peer.process.proc.wait(30) == 0
     finally:
         peer.stop()
+
+
+def _files_holding(home, secret: str) -> list[str]:
+    return [str(p) for p in home.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def test_no_file_under_the_home_holds_the_password(stack, workdir, requester):
+    import json
+
+    peer = PeerProcess(stack, workdir, "no-secret-peer", 1)
+    try:
+        assert peer.client.me()["jobs"] == 1  # init and serve both ran
+        for home in (peer.home, requester):
+            assert _files_holding(home, PASSWORD) == []
+            assert "password" not in json.loads((home / "account.json").read_text())
+    finally:
+        peer.stop()
+    assert _files_holding(peer.home, PASSWORD) == []
+
+
+def test_an_old_account_file_loses_its_password(stack, tmp_path):
+    import json
+
+    home = tmp_path / "old"
+    assert peer_cli("init", "--broker", stack.url, "--email", "old@example.org", home=home).returncode == 0
+    path = home / "account.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "password": PASSWORD}))
+    status = peer_cli("status", home=home, password="")
+    assert status.returncode == 0, status.stderr
+    assert _files_holding(home, PASSWORD) == []
+
+
+def test_init_counts_no_password_failure_and_key_login_beats_the_throttle(stack, tmp_path):
+    """A new account's init does not start with a failing password log-in; once a
+    stranger has used up the password throttle for the email, the peer still logs in
+    (by key) when its token is no longer good."""
+    import json
+
+    import redis
+
+    from broker_api.settings import default_redis_url
+    from peer.api import BrokerClient, BrokerError
+
+    conn = redis.Redis.from_url(default_redis_url(stack.data_dir))
+    email = "throttled@example.org"
+    home = tmp_path / "throttled"
+    assert peer_cli("init", "--broker", stack.url, "--email", email, home=home).returncode == 0
+    assert conn.get(f"cb:login-fail:email:{email}") is None
+    stranger = BrokerClient(stack.url)
+    statuses = set()
+    for _ in range(8):
+        try:
+            stranger.login(email, "a stranger's guess")
+        except BrokerError as exc:
+            statuses.add(exc.status)
+    assert 429 in statuses  # the password throttle for this email is exhausted
+    path = home / "account.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "token": "revoked"}))
+    status = peer_cli("status", home=home, password="")
+    assert status.returncode == 0, status.stderr
+    assert email in status.stdout
+    assert json.loads(path.read_text())["token"] != "revoked"  # renewed by key
+    conn.close()
