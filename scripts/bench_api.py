@@ -56,14 +56,13 @@ import dill
 import falcon
 import redis
 import requests
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker_api.settings import Settings
 from matchmaker import keys
 from matchmaker.local_redis import start as start_redis
 from matchmaker.queue import match_queue
 from matchmaker.registry import Registry, runtime_bucket
+from scripts.load import user_body
 from scripts.stack import ROOT, LocalStack, Process, free_port, procfile, wait_http
 
 RUNTIME = {"python": platform.python_version(), "dill": dill.__version__, "platform": sys.platform}
@@ -261,13 +260,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def _pem() -> str:
-    key = ed25519.Ed25519PrivateKey.generate().public_key()
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
-
-
 class Api:
     """A minimal client of the broker's API for set-up and the sequential phase."""
 
@@ -283,12 +275,8 @@ class Api:
         return r
 
     def signup(self, email: str, port: int) -> dict[str, Any]:
-        body = {
-            "email": email,
-            "password": "bench password",
-            "pubKey": _pem(),
-            "address": f"127.0.0.1:{port}",
-        }
+        challenge = self.call("POST", "/v1/challenges").json()["challenge"]
+        body = user_body(challenge, email, "bench password", f"127.0.0.1:{port}")
         return self.call("POST", "/v1/users", json=body).json()
 
 

@@ -16,7 +16,7 @@ import requests
 from broker_api.models import Member, Session, db
 from matchmaker.registry import Registry
 from scripts.stack import Process, free_port, wait_http
-from tests.helpers import RUNTIME, auth, offer, public_pem, signup
+from tests.helpers import RUNTIME, auth, offer, signup, user_body
 
 
 @pytest.mark.slow
@@ -82,12 +82,10 @@ def test_api_restart_keeps_earlier_tokens_valid(env, tmp_path):
     port = free_port()
     web = _web(env, tmp_path, port)
     try:
-        user = requests.post(
-            f"http://127.0.0.1:{port}/v1/users",
-            json={"email": "restart@example.org", "password": "restart password", "pubKey": public_pem(),
-                  "address": "127.0.0.1:7000"},
-            timeout=10,
-        ).json()  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        challenge = requests.post(f"{base}/v1/challenges", timeout=10).json()["challenge"]
+        body = user_body(challenge, "restart@example.org", "restart password", "127.0.0.1:7000")
+        user = requests.post(f"{base}/v1/users", json=body, timeout=10).json()
     finally:
         web.stop()
     web = _web(env, tmp_path, port)  # a new process: keys come from the key file
@@ -112,8 +110,8 @@ def test_two_node_broker(env, tmp_path, conn):
         http = requests.Session()
 
         def signup_at(url: str, n: int) -> dict:
-            body = {"email": f"node{n}@example.org", "password": "two nodes!", "pubKey": public_pem(),
-                    "address": f"127.0.0.1:{7000 + n}"}  # fmt: skip
+            challenge = http.post(f"{url}/v1/challenges", timeout=10).json()["challenge"]
+            body = user_body(challenge, f"node{n}@example.org", "two nodes!", f"127.0.0.1:{7000 + n}")
             r = http.post(f"{url}/v1/users", json=body, timeout=10)
             assert r.status_code == 201, r.text
             return r.json()

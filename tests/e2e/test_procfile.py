@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from scripts.stack import Process, free_port, wait_http
-from tests.helpers import RUNTIME, public_pem
+from tests.helpers import RUNTIME, user_body
 
 pytestmark = pytest.mark.slow
 
@@ -33,21 +33,21 @@ def test_newcomer_walkthrough_over_http(stack):
     http = requests.Session()
     peer = http.post(
         f"{stack}/v1/users",
-        json={
-            "email": "peer@example.org",
-            "password": "peer password",
-            "pubKey": public_pem(),
-            "address": "127.0.0.1:7001",
-        },
+        json=user_body(
+            http.post(f"{stack}/v1/challenges").json()["challenge"],
+            "peer@example.org",
+            "peer password",
+            "127.0.0.1:7001",
+        ),
     ).json()
     http.post(
         f"{stack}/v1/users",
-        json={
-            "email": "req@example.org",
-            "password": "requester pw",
-            "pubKey": public_pem(),
-            "address": "127.0.0.1:7002",
-        },
+        json=user_body(
+            http.post(f"{stack}/v1/challenges").json()["challenge"],
+            "req@example.org",
+            "requester pw",
+            "127.0.0.1:7002",
+        ),
     )
     login = http.post(f"{stack}/v1/tokens", json={"email": "req@example.org", "password": "requester pw"})
     assert login.status_code == 201

@@ -169,3 +169,25 @@ def test_init_counts_no_password_failure_and_key_login_beats_the_throttle(stack,
     assert email in status.stdout
     assert json.loads(path.read_text())["token"] != "revoked"  # renewed by key
     conn.close()
+
+
+def test_a_pool_logs_in_again_by_key(stack, requester, tmp_path):
+    """A requester's Pool renews its token with its key: the account file holds none of
+    the password, and a revoked token is no obstacle."""
+    import json
+    import shutil
+
+    from peer.pool import Pool
+
+    home = tmp_path / "pool-home"
+    shutil.copytree(requester, home)
+    path = home / "account.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "token": "revoked"}))
+    pool = Pool(1, home=home, broker=stack.url, timeout=1)
+    try:
+        email = json.loads(path.read_text())["email"]
+        assert pool._credentials == (email, None)
+        pool._client.login(*pool._credentials)
+        assert pool._client.me()["email"] == email
+    finally:
+        pool.shutdown(wait=False)

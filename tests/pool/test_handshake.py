@@ -86,7 +86,7 @@ def test_a_session_the_caller_does_not_own_is_refused(session, stack, tmp_path):
     """Another account, with its own registered key, tries to ride on the session."""
     pool, link = session
     other = Identity.create(tmp_path / "other")
-    client = BrokerClient(stack.url)
+    client = BrokerClient(stack.url, identity=other)
     client.signup("other@example.org", PASSWORD, other.public_key, "127.0.0.1:9")
     with pytest.raises(Refused, match="owner's registered pubKey"):
         connect(link.address, other, pool.session_id, _worker_key(pool, link))
@@ -143,7 +143,7 @@ class FakePeer:
         self.shown = shown or self.identity
         self.listener = socket.create_server(("127.0.0.1", free_port()))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.client = BrokerClient(stack.url)
+        self.client = BrokerClient(stack.url, identity=self.identity)
         self.client.signup(f"fake-{id(self)}@example.org", PASSWORD, self.identity.public_key, self.address)
         self.client.set_jobs(1, local_runtime())
         self.result = result
