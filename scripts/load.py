@@ -66,7 +66,7 @@ from scripts.stack import LocalStack
 
 #: Requests each client makes outside its cycles: sign-up and log-in, then the final
 #: offer, heartbeat and pool request.
-SETUP_REQUESTS = 2
+SETUP_REQUESTS = 3  # challenge, sign-up, log-in
 FINAL_REQUESTS = 3
 #: How long the matchmaker may take to settle every request after the load (pools
 #: time out after at most 3 s; rq's scheduler polls every second).

@@ -34,7 +34,9 @@ WRONG_TYPES: dict[tuple[str, str], list[dict[str, Any]]] = {
     ("POST", "/v1/users"): [{"email": 5}, {"password": ["x"]}, {"pubKey": {}}, {"address": 80},
                             {"email": "not-an-email"}, {"password": "short"}, {"pubKey": "not a key"},
                             {"address": "no-port"}, {"address": "host:99999"},
-                            {"email": "nul\x00@example.org"}, {"address": "h\x00st:1"}],
+                            {"email": "nul\x00@example.org"}, {"address": "h\x00st:1"},
+                            {"email": "a@example.org\n"}, {"address": "h:1\n"}, {"challenge": "x" * 43 + "\n"},
+                            {"challenge": "short"}, {"signature": "not base64!"}, {"signature": "A" * 300}],
     ("POST", "/v1/tokens"): [{"email": None}, {"password": 12345678}, {"email": "a\x00@example.org"},
                              {"challenge": "short"}, {"signature": "not base64!"}],
     ("PATCH", "/v1/users/me"): [{"address": True}, {"pubKey": 1}, {"address": "a b:1"},
@@ -285,3 +287,16 @@ def test_unknown_routes_and_methods_are_json(client, world):
     _assert_error(r, 404)
     r = client.request("PUT", "/v1/users/me", headers=auth(world["owner"]["token"]))
     assert r.status_code == 405
+
+
+def test_challenges_take_no_input(client, conn):
+    """``POST /v1/challenges`` reads nothing from the caller: any body is ignored, other
+    methods are 405, and every answer is a fresh 43-character nonce."""
+    seen = set()
+    for body in (None, b"{}", b"garbage \x00\xff", b"x" * 100_000):
+        r = client.request("POST", "/v1/challenges", body=body, content_type="application/json")
+        assert r.status_code == 201, r.text
+        assert len(r.json["challenge"]) == 43 and r.json["challenge"] not in seen
+        seen.add(r.json["challenge"])
+    for method in ("GET", "PUT", "DELETE", "PATCH"):
+        assert client.request(method, "/v1/challenges").status_code == 405
