@@ -25,6 +25,7 @@ import hypothesis
 import pytest
 import redis
 import schemathesis
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from falcon import testing
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
@@ -39,7 +40,7 @@ from schemathesis.specs.openapi.checks import (
 from broker_api.app import create_app
 from broker_api.openapi import build_document
 from broker_api.settings import Settings
-from tests.helpers import auth, offer, public_pem, request_pool, signup
+from tests.helpers import KEYS, auth, offer, public_pem, request_pool, sign, signup
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "60"))
 _PATHS = build_document()["paths"]
@@ -67,6 +68,14 @@ class World:
     peer: dict[str, Any]
     session_id: str
     bad_tokens: dict[str, str]
+
+    @property
+    def owner_key(self) -> ed25519.Ed25519PrivateKey:
+        return KEYS[self.owner["id"]]
+
+    def challenge(self) -> str:
+        """A fresh challenge, for cases that sign one."""
+        return self.client.simulate_post("/v1/challenges").json["challenge"]
 
     def fresh_token(self) -> str:
         """A new account's token: for cases that may delete or revoke the account."""
@@ -167,6 +176,29 @@ def _personalize(case: Any, world: World, identity: str, real: bool) -> None:
             case.body = {**case.body, "pubKey": public_pem()}
         if operation == ("POST", "/v1/tokens"):
             case.body = {**case.body, "email": world.owner["email"], "password": OWNER_PASSWORD}
+            if "challenge" in case.body:  # a key log-in instead, signed right
+                del case.body["password"]
+                c = world.challenge()
+                case.body.update(
+                    challenge=c, signature=sign(world.owner_key, "login", c, world.owner["email"])
+                )
+        if operation == ("POST", "/v1/users") and isinstance(case.body.get("email"), str):
+            key = ed25519.Ed25519PrivateKey.generate()
+            c = world.challenge()
+            email = case.body["email"].strip().lower()
+            case.body.update(pubKey=public_pem(key), challenge=c, signature=sign(key, "register", c, email))
+        if operation == ("PATCH", "/v1/users/me") and identity in ("owner", "peer"):
+            account = world.owner if identity == "owner" else world.peer
+            c = world.challenge()
+            key = KEYS[account["id"]]
+            case.body = {
+                **case.body,
+                "challenge": c,
+                "currentSignature": sign(key, "update", c, account["id"]),
+            }
+            case.body.pop("currentPassword", None)
+            if "pubKey" in case.body:  # the same key again: the account keeps working
+                case.body.update(pubKey=account["pubKey"], signature=sign(key, "set-key", c, account["id"]))
 
 
 @pytest.mark.parametrize(("method", "path", "mode"), _params())
