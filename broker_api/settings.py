@@ -53,6 +53,17 @@ class Settings:
         login_max_failures: failed logins per email (and ten times that per client
             address) within ``login_window`` seconds before 429.
         scrypt_n: scrypt cost parameter for password hashes.
+        max_pending_sessions: pending sessions one account may have at once (429 above).
+        max_held_slots: slots the sessions of one account may hold at once; a request
+            for more is matched with what fits under the cap (``partial``).
+        max_long_polls: concurrent ``?wait=`` requests of one account (429 above).
+        long_poll_slots: concurrent long-polls one API process serves; beyond it a
+            long-poll is answered at once with the current state, so waiting clients
+            never take the threads log-ins and reads need.
+        page_size, max_page_size: default and cap of ``GET /v1/sessions?limit=``.
+        probe_private: the broker may probe loopback and private addresses (local
+            stacks and tests); off in production, where only public addresses are probed.
+        probe_timeout: seconds for one address probe (connect + answer).
     """
 
     database_url: str
@@ -66,6 +77,14 @@ class Settings:
     login_max_failures: int = 5
     login_window: int = 300
     scrypt_n: int = 2**14
+    max_pending_sessions: int = 100
+    max_held_slots: int = 128
+    max_long_polls: int = 100
+    long_poll_slots: int = 8
+    page_size: int = 50
+    max_page_size: int = 200
+    probe_private: bool = False
+    probe_timeout: float = 3.0
 
     @property
     def stale_after(self) -> int:
@@ -89,4 +108,12 @@ class Settings:
             login_max_failures=_int(env, "LOGIN_MAX_FAILURES", 5),
             login_window=_int(env, "LOGIN_WINDOW", 300),
             scrypt_n=_int(env, "SCRYPT_N", 2**14),
+            max_pending_sessions=_int(env, "MAX_PENDING_SESSIONS", 100),
+            max_held_slots=_int(env, "MAX_HELD_SLOTS", 128),
+            max_long_polls=_int(env, "MAX_LONG_POLLS", 100),
+            long_poll_slots=_int(env, "LONG_POLL_SLOTS", 8),
+            page_size=_int(env, "PAGE_SIZE", 50),
+            max_page_size=_int(env, "MAX_PAGE_SIZE", 200),
+            probe_private=env.get("PROBE_PRIVATE", "") in ("1", "true", "yes"),
+            probe_timeout=float(_int(env, "PROBE_TIMEOUT", 3)),
         )
