@@ -19,7 +19,7 @@ _ERRORS = {
     411: "A chunked body that cannot be read here: send Content-Length",
     413: "Body too large",
     415: "Body is not application/json",
-    429: "Too many failed logins or challenges; see Retry-After",
+    429: "Too many requests (failed logins, challenges, or a per-account cap): see Retry-After",
     503: "A backing service is unreachable",
 }
 
@@ -44,17 +44,29 @@ _OPS: list[tuple[str, str, str, bool, s.Schema | None, bool, dict[int, s.Schema 
     ("post", "/v1/users/me/heartbeat", "I am alive at my address", True, None, False,
      {204: None, 401: None}),
     ("post", "/v1/sessions", "Request a pool of workers", True, s.CREATE_SESSION, False,
-     {202: s.SESSION, 400: None, 401: None, 411: None, 413: None, 415: None}),
+     {202: s.SESSION, 400: None, 401: None, 411: None, 413: None, 415: None, 429: None}),
     ("get", "/v1/sessions", "Sessions I own or work in", True, None, False,
-     {200: s.SESSIONS, 401: None}),
+     {200: s.SESSIONS, 400: None, 401: None}),
     ("get", "/v1/sessions/{sessionId}", "A session; ?wait=S[&since=status] long-polls for a status change",
-     True, None, False, {200: s.SESSION, 400: None, 401: None, 404: None}),
+     True, None, False, {200: s.SESSION, 400: None, 401: None, 404: None, 429: None}),
     ("delete", "/v1/sessions/{sessionId}", "End a session, freeing its workers", True, None,
      False, {204: None, 401: None, 403: None, 404: None}),
     ("delete", "/v1/sessions/{sessionId}/workers/me", "Leave a session", True, None, False,
      {204: None, 401: None, 404: None}),
     ("get", "/v1/health", "API, database and Redis reachable", False, None, False,
      {200: s.HEALTH, 503: s.HEALTH}),
+]  # fmt: skip
+
+
+_PAGE_PARAMS = [
+    {"name": "limit", "in": "query", "required": False,
+     "description": "Page size (default 50, at most MAX_PAGE_SIZE, 200 by default).",
+     "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+    {"name": "cursor", "in": "query", "required": False,
+     "description": "The 'next' of the previous page.", "schema": {"type": "string"}},
+    {"name": "status", "in": "query", "required": False,
+     "description": "Only sessions in these statuses (comma-separated).",
+     "schema": {"type": "string"}},
 ]  # fmt: skip
 
 
@@ -91,6 +103,8 @@ def build_document() -> dict[str, Any]:
                     },
                 }
             )
+        if method == "get" and path == "/v1/sessions":
+            params += _PAGE_PARAMS
         if params:
             op["parameters"] = params
         if body is not None:
@@ -105,6 +119,10 @@ def build_document() -> dict[str, Any]:
             entry: dict[str, Any] = {"description": desc}
             if schema is not None or status >= 400:
                 entry["content"] = {"application/json": {"schema": schema or s.ERROR}}
+            if status == 429:
+                entry["headers"] = {
+                    "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+                }
             op["responses"][str(status)] = entry
         if auth:
             op["responses"].setdefault(

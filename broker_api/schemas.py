@@ -247,7 +247,10 @@ SESSION: Schema = {
 }  # fmt: skip
 SESSIONS: Schema = {
     "type": "object",
-    "properties": {"sessions": {"type": "array", "items": SESSION}},
+    "properties": {
+        "sessions": {"type": "array", "items": SESSION},
+        "next": {"type": "string", "description": "cursor of the next page; absent on the last"},
+    },
     "required": ["sessions"],
     "additionalProperties": False,
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ import redis
 from broker_api import schemas
 from broker_api.availability import Availability
 from broker_api.bodies import read_json
-from broker_api.exceptions import Forbidden, InvalidRequest, NotFound, Unavailable
+from broker_api.exceptions import Forbidden, InvalidRequest, NotFound, TooManyRequests, Unavailable
 from broker_api.models import Member, Session, User, db
 from broker_api.settings import Settings
 from matchmaker import keys
@@ -33,6 +34,10 @@ _STATUSES = frozenset(s.value for s in Status)
 #: database (PostgreSQL rejects NUL bytes in text with an error, not a miss), with the
 #: same body as an id that exists but is not the caller's.
 _ID = re.compile(r"[0-9a-f]{32}")
+
+
+#: ``GET /v1/sessions`` cursor: the last row's ``createdAt`` (repr of a float) and id.
+_CURSOR = re.compile(r"(\d{1,12}(?:\.\d{1,20})?):([0-9a-f]{32})")
 
 
 def _check_id(session_id: str) -> None:
@@ -103,18 +108,22 @@ class SessionsResource:
         if min_workers > workers:
             raise InvalidRequest("field 'minWorkers' must not exceed 'workers'")
         timeout = int(body.get("timeout", DEFAULT_TIMEOUT))
-        now = time.time()
-        with db.atomic():
-            session = Session.create(
-                owner=req.context.caller.user_id,
-                workers=workers,
-                min_workers=min_workers,
-                timeout=timeout,
-                runtime=json.dumps(body.get("runtime", {}), sort_keys=True),
-                created_at=now,
-                updated_at=now,
-                deadline=now + timeout,
-            )
+        owner = req.context.caller.user_id
+        # The count and the insert run under a per-account lock in Redis, so a burst of
+        # concurrent requests cannot slip past the cap between the two.
+        lock = self._availability.registry.conn.lock(keys.post_lock(owner), timeout=10)
+        try:
+            if not lock.acquire(blocking_timeout=5):
+                raise TooManyRequests("too many concurrent pool requests from this account", retry_after=1)
+        except redis.RedisError:
+            raise Unavailable("the matchmaker queue cannot be reached; retry shortly") from None
+        try:
+            session = self._create(owner, body, workers, min_workers, timeout)
+        finally:
+            try:
+                lock.release()
+            except redis.RedisError:
+                pass  # it expires by itself
         try:
             self._availability.request_match(session.id)
         except redis.RedisError:
@@ -123,17 +132,77 @@ class SessionsResource:
             raise Unavailable("the matchmaker queue cannot be reached; retry shortly") from None
         resp.status = falcon.HTTP_202
         resp.location = f"/v1/sessions/{session.id}"
-        resp.media = session_view(session, req.context.caller.user_id, new=True)
+        resp.media = session_view(session, owner, new=True)
+
+    def _create(
+        self, owner: str, body: dict[str, Any], workers: int, min_workers: int, timeout: int
+    ) -> Session:
+        pending = (
+            Session.select().where(Session.owner == owner, Session.status == Status.PENDING.value).count()
+        )
+        if pending >= self._settings.max_pending_sessions:
+            raise TooManyRequests(
+                f"this account already has {pending} pending pool requests "
+                f"(at most {self._settings.max_pending_sessions})",
+                retry_after=max(1, min(DEFAULT_TIMEOUT, self._settings.max_wait)),
+            )
+        now = time.time()
+        with db.atomic():
+            return Session.create(
+                owner=owner,
+                workers=workers,
+                min_workers=min_workers,
+                timeout=timeout,
+                runtime=json.dumps(body.get("runtime", {}), sort_keys=True),
+                created_at=now,
+                updated_at=now,
+                deadline=now + timeout,
+            )
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """One page of the caller's sessions, newest first.
+
+        ``?limit=`` (default ``page_size``, at most ``max_page_size``), ``?cursor=`` (the
+        ``next`` of the previous page) and ``?status=`` (comma-separated) bound what one
+        call costs however many sessions an account has.
+        """
         user_id = req.context.caller.user_id
+        limit = self._limit(req)
         member_of = Member.select(Member.session).where(Member.user == user_id)
-        sessions = (
-            Session.select()
-            .where((Session.owner == user_id) | (Session.id.in_(member_of)))
-            .order_by(Session.created_at.desc())
-        )
-        resp.media = {"sessions": [session_view(s, user_id) for s in sessions]}
+        query = Session.select().where((Session.owner == user_id) | (Session.id.in_(member_of)))
+        raw_status = req.get_param("status")
+        if raw_status is not None:
+            wanted = raw_status.split(",")
+            if not wanted or any(w not in _STATUSES for w in wanted):
+                raise InvalidRequest(
+                    f"query parameter 'status' must list some of {', '.join(sorted(_STATUSES))}"
+                )
+            query = query.where(Session.status.in_(wanted))
+        cursor = req.get_param("cursor")
+        if cursor is not None:
+            m = _CURSOR.fullmatch(cursor)
+            if m is None:
+                raise InvalidRequest("query parameter 'cursor' must be the 'next' of a previous page")
+            created, last_id = float(m.group(1)), m.group(2)
+            query = query.where(
+                (Session.created_at < created) | ((Session.created_at == created) & (Session.id < last_id))
+            )
+        rows = list(query.order_by(Session.created_at.desc(), Session.id.desc()).limit(limit + 1))
+        page = rows[:limit]
+        body: dict[str, Any] = {"sessions": [session_view(s, user_id) for s in page]}
+        if len(rows) > limit:
+            body["next"] = f"{page[-1].created_at!r}:{page[-1].id}"
+        resp.media = body
+
+    def _limit(self, req: falcon.Request) -> int:
+        raw = req.get_param("limit")
+        if raw is None:
+            return self._settings.page_size
+        if not raw.isdigit() or not 1 <= int(raw) <= self._settings.max_page_size:
+            raise InvalidRequest(
+                f"query parameter 'limit' must be an integer from 1 to {self._settings.max_page_size}"
+            )
+        return int(raw)
 
 
 class SessionResource:
@@ -143,6 +212,9 @@ class SessionResource:
         self._settings = settings
         self._availability = availability
         self._conn = conn
+        # This process's share of threads for long-polls: beyond it a long-poll is
+        # answered at once, so log-ins and reads always find a free thread.
+        self._polls = threading.BoundedSemaphore(max(1, settings.long_poll_slots))
 
     def _wait_param(self, req: falcon.Request) -> float:
         raw = req.get_param("wait")
@@ -164,8 +236,37 @@ class SessionResource:
             raise InvalidRequest(f"query parameter 'since' must be one of {', '.join(sorted(_STATUSES))}")
         session = _visible(session_id, user_id)
         if wait > 0 and session.status == since:
-            session = self._long_poll(session, user_id, wait, since)
+            session = self._bounded_poll(session, user_id, wait, since)
         resp.media = session_view(session, user_id)
+
+    def _bounded_poll(self, session: Session, user_id: str, wait: float, since: str) -> Session:
+        """Long-poll within the account's cap (429) and this process's share of threads
+        (beyond it: the current state at once)."""
+        counter = keys.long_polls(user_id)
+        try:
+            pipe = self._conn.pipeline(transaction=True)
+            pipe.incr(counter)
+            pipe.expire(counter, int(self._settings.max_wait) + 60)
+            count = int(pipe.execute()[0])
+        except redis.RedisError:
+            raise Unavailable("Redis cannot be reached; retry shortly") from None
+        try:
+            if count > self._settings.max_long_polls:
+                raise TooManyRequests(
+                    f"this account already waits on {self._settings.max_long_polls} long-polls",
+                    retry_after=max(1, min(5, self._settings.max_wait)),
+                )
+            if not self._polls.acquire(blocking=False):
+                return session
+            try:
+                return self._long_poll(session, user_id, wait, since)
+            finally:
+                self._polls.release()
+        finally:
+            try:
+                self._conn.decr(counter)
+            except redis.RedisError:
+                pass  # the counter expires by itself
 
     def _long_poll(self, session: Session, user_id: str, wait: float, since: str) -> Session:
         """Wait up to ``wait`` seconds for the status to differ from ``since``.

@@ -56,6 +56,14 @@ class Settings:
         challenge_ttl: seconds a key challenge (``POST /v1/challenges``) stays usable.
         challenges_per_client: challenges one client address may get per
             ``challenge_ttl`` seconds before 429.
+        max_pending_sessions: pending sessions one account may have at once (429 above).
+        max_held_slots: slots the sessions of one account may hold at once; a request
+            for more is matched with what fits under the cap (``partial``).
+        max_long_polls: concurrent ``?wait=`` requests of one account (429 above).
+        long_poll_slots: concurrent long-polls one API process serves; beyond it a
+            long-poll is answered at once with the current state, so waiting clients
+            never take the threads log-ins and reads need.
+        page_size, max_page_size: default and cap of ``GET /v1/sessions?limit=``.
     """
 
     database_url: str
@@ -71,6 +79,12 @@ class Settings:
     scrypt_n: int = 2**14
     challenge_ttl: int = 60
     challenges_per_client: int = 600
+    max_pending_sessions: int = 100
+    max_held_slots: int = 128
+    max_long_polls: int = 100
+    long_poll_slots: int = 8
+    page_size: int = 50
+    max_page_size: int = 200
 
     @property
     def stale_after(self) -> int:
@@ -96,4 +110,10 @@ class Settings:
             scrypt_n=_int(env, "SCRYPT_N", 2**14),
             challenge_ttl=_int(env, "CHALLENGE_TTL", 60),
             challenges_per_client=_int(env, "CHALLENGES_PER_CLIENT", 600),
+            max_pending_sessions=_int(env, "MAX_PENDING_SESSIONS", 100),
+            max_held_slots=_int(env, "MAX_HELD_SLOTS", 128),
+            max_long_polls=_int(env, "MAX_LONG_POLLS", 100),
+            long_poll_slots=_int(env, "LONG_POLL_SLOTS", 8),
+            page_size=_int(env, "PAGE_SIZE", 50),
+            max_page_size=_int(env, "MAX_PAGE_SIZE", 200),
         )

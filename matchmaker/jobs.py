@@ -31,14 +31,19 @@ def configure(settings: Settings) -> None:
     _settings = settings
 
 
-def _context() -> tuple[Registry, Queue]:
+def _current() -> Settings:
     global _settings
     if _settings is None:
         _settings = Settings.from_env()
+    return _settings
+
+
+def _context() -> tuple[Registry, Queue]:
+    settings = _current()
     job = get_current_job()
     if job is None:
         raise RuntimeError("matchmaker jobs run inside an rq worker")
-    return Registry(job.connection, stale_after=_settings.stale_after), match_queue(job.connection)
+    return Registry(job.connection, stale_after=settings.stale_after), match_queue(job.connection)
 
 
 def match_session(session_id: str, final: bool = False) -> str:
@@ -50,7 +55,11 @@ def match_session(session_id: str, final: bool = False) -> str:
 
 
 def rematch_pending() -> int:
-    """Retry every pending session, oldest first, after capacity grew.
+    """Retry every pending session after capacity grew, taking accounts in turn.
+
+    Sessions are ordered round-robin across their owners (each account's oldest first,
+    then each one's second oldest, ...), so freed slots are shared between accounts
+    instead of going to whichever account queued the most requests first.
 
     Returns how many sessions left ``pending``. Does nothing when another run already
     consumed the flag set by ``request_rematch``.
@@ -60,10 +69,44 @@ def rematch_pending() -> int:
         return 0
     done = 0
     with db.connection_context():
-        for session_id in registry.pending():
+        for session_id in fair_order(registry.pending()):
             if attempt(registry, queue, session_id) != Status.PENDING.value:
                 done += 1
     return done
+
+
+def fair_order(pending: list[str]) -> list[str]:
+    """Pending session ids (oldest first) interleaved across their owners."""
+    owners: dict[str, str] = {}
+    for start in range(0, len(pending), 500):
+        chunk = pending[start : start + 500]
+        for sid, owner in Session.select(Session.id, Session.owner).where(Session.id.in_(chunk)).tuples():
+            owners[sid] = owner
+    queues: dict[str, list[str]] = {}
+    for sid in pending:
+        queues.setdefault(owners.get(sid, ""), []).append(sid)
+    out: list[str] = []
+    rounds = [iter(q) for q in queues.values()]
+    while rounds:
+        alive = []
+        for it in rounds:
+            sid = next(it, None)
+            if sid is not None:
+                out.append(sid)
+                alive.append(it)
+        rounds = alive
+    return out
+
+
+def held_by(owner_id: str) -> int:
+    """Slots the open sessions of one account hold now."""
+    total = (
+        Member.select(peewee.fn.COALESCE(peewee.fn.SUM(Member.slots), 0))
+        .join(Session)
+        .where(Session.owner == owner_id, Session.status.in_(keys.HOLDING))
+        .scalar()
+    )
+    return int(total or 0)
 
 
 def attempt(
@@ -78,14 +121,22 @@ def attempt(
     final = final or now >= session.deadline
     runtime = session.runtime_dict
     buckets = [runtime_bucket(runtime)] if runtime else registry.buckets()
+    # Fair use: an account's sessions hold at most ``max_held_slots`` at once, so one
+    # large request cannot take every free slot; it is matched with what fits.
+    room = _current().max_held_slots - held_by(session.owner_id)
+    need = min(session.workers, room)
     try:
-        reserved = registry.reserve(
-            session_id,
-            requester=session.owner_id,
-            buckets=buckets,
-            need=session.workers,
-            minimum=session.min_workers if final else session.workers,
-            now=now,
+        reserved = (
+            registry.reserve(
+                session_id,
+                requester=session.owner_id,
+                buckets=buckets,
+                need=need,
+                minimum=session.min_workers if final else need,
+                now=now,
+            )
+            if need >= session.min_workers
+            else {}
         )
     except RegistryLost:
         recovery.ensure_registry(registry, queue)

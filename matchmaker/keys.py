@@ -58,3 +58,13 @@ class Status(StrEnum):
 
 #: Statuses whose members hold slots.
 HOLDING = (Status.MATCHED.value, Status.PARTIAL.value)
+
+
+def post_lock(user_id: str) -> str:
+    """Lock held while one account's pool request is counted and created."""
+    return f"{PREFIX}post-lock:{user_id}"
+
+
+def long_polls(user_id: str) -> str:
+    """Counter of one account's long-polls waiting now (in any API process)."""
+    return f"{PREFIX}polls:{user_id}"

@@ -20,6 +20,7 @@ class Settings:
     database_url: str
     redis_url: str
     heartbeat_interval: int
+    max_held_slots: int = 128
 
     @property
     def stale_after(self) -> int:
@@ -28,4 +29,9 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         api = ApiSettings.from_env(os.environ if env is None else env)
-        return cls(api.database_url, api.redis_url, api.heartbeat_interval)
+        return cls(
+            api.database_url,
+            api.redis_url,
+            api.heartbeat_interval,
+            max_held_slots=api.max_held_slots,
+        )

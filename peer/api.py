@@ -163,8 +163,19 @@ class BrokerClient:
         params = {"wait": wait} if wait else None
         return self._call("GET", f"/v1/sessions/{session_id}", wait=wait, params=params)
 
-    def sessions(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/v1/sessions")["sessions"]
+    def sessions(self, *, status: str | None = None) -> list[dict[str, Any]]:
+        """Every session of the account (only ``status``, comma-separated, if given),
+        read page by page."""
+        params: dict[str, str] = {"limit": "200"}
+        if status:
+            params["status"] = status
+        out: list[dict[str, Any]] = []
+        while True:
+            page = self._call("GET", "/v1/sessions", params=params)
+            out += page["sessions"]
+            if not page.get("next"):
+                return out
+            params["cursor"] = page["next"]
 
     def end_session(self, session_id: str) -> None:
         self._call("DELETE", f"/v1/sessions/{session_id}")

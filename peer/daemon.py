@@ -416,7 +416,7 @@ class PeerDaemon:
         """Leave open sessions whose requester has had no connection for ``lease`` s, and
         drop connections of sessions that are no longer open."""
         asked = time.monotonic()
-        sessions = self._broker(self.client.sessions)
+        sessions = self._broker(lambda: self.client.sessions(status=",".join(OPEN)))
         now = time.monotonic()
         with self._conns_lock:
             connected = {c.session_id for c in self._conns if c.alive}
