@@ -8,7 +8,6 @@ import threading
 import time
 from typing import Any
 
-import pytest
 from falcon import testing
 
 from broker_api.app import create_app
