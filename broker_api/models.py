@@ -16,6 +16,8 @@ from typing import Any
 import peewee
 from playhouse.db_url import connect
 
+from broker_api.files import private_file
+
 db = peewee.DatabaseProxy()
 
 #: SQLite pragmas (they cannot go in the URL): WAL for concurrent readers, enforced
@@ -38,7 +40,7 @@ def bind_database(url: str) -> peewee.Database:
         kwargs["pragmas"] = SQLITE_PRAGMAS
         path = url.split(":///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            private_file(Path(path))
     else:
         kwargs["autoconnect"] = True
     database = connect(url, **kwargs)

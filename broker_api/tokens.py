@@ -25,6 +25,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker_api.exceptions import InvalidToken
+from broker_api.files import private_dir
 
 #: The only protected header we emit and accept (algorithm pinning).
 _HEADER = {"alg": "dir", "enc": "A256GCM", "cty": "JWT"}
@@ -83,7 +84,7 @@ class TokenKeys:
         same file.
         """
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
