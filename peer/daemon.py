@@ -24,11 +24,11 @@ import struct
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from peer import tasks as _tasks  # noqa: F401 - loaded before slots fork, so sandboxes can use it
 from peer import tracked, wire
@@ -102,54 +102,101 @@ class Grant:
 
 
 class Authorizer:
-    """Asks the broker whether a requester may use this peer, caching yes-answers briefly.
+    """Asks the broker whether a requester may use this peer, caching its answers briefly.
 
     A requester is accepted only for an open (``matched``/``partial``) session that
     lists this peer as a member and whose owner's registered pubKey is the key of the
     certificate it showed.
+
+    Every hello costs a broker query unless cached, so a stranger could make the peer
+    hammer the broker with made-up session ids. Hence: a refusal is remembered for
+    ``NEGATIVE_SECONDS``, both caches are bounded, and each source address gets at most
+    ``LOOKUPS_PER_SOURCE`` uncached lookups per ``LOOKUP_WINDOW`` seconds.
     """
+
+    NEGATIVE_SECONDS = 5.0
+    LOOKUPS_PER_SOURCE = 32
+    LOOKUP_WINDOW = 5.0
+    MAX_ENTRIES = 4096
 
     def __init__(self, client: BrokerClient, *, ttl: float = AUTH_CACHE_SECONDS) -> None:
         self._client = client
         self._ttl = ttl
-        self._cache: dict[str, Grant] = {}
+        self._cache: OrderedDict[str, Grant] = OrderedDict()
+        self._refused: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._lookups: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def grant(self, session_id: str, *, fresh: bool = False) -> Grant | str:
-        """The session's grant, or the reason there is none."""
+    def grant(self, session_id: str, *, fresh: bool = False, source: str | None = None) -> Grant | str:
+        """The session's grant, or the reason there is none.
+
+        ``source`` (the requester's address) is charged for a lookup the caches cannot
+        answer; ``fresh`` skips the caches (the daemon re-checks a live session).
+        """
         now = time.monotonic()
         with self._lock:
-            cached = self._cache.get(session_id)
-        if cached and cached.expires > now and not fresh:
-            return cached
+            if not fresh:
+                cached = self._cache.get(session_id)
+                if cached and cached.expires > now:
+                    return cached
+                refused = self._refused.get(session_id)
+                if refused and refused[0] > now:
+                    return refused[1]
+            if source is not None and not self._charge(source, now):
+                return "too many unknown sessions from this address; try again shortly"
         try:
             session = self._client.session(session_id)
         except BrokerError as exc:
-            with self._lock:
-                self._cache.pop(session_id, None)
             if exc.status == 404:
-                return "no such session among those this peer works in"
+                return self._refuse(session_id, "no such session among those this peer works in")
             return f"the broker could not confirm the session ({exc.status})"
         except BrokerUnreachable:
             return "the broker cannot be reached to confirm the session"
         if session.get("status") not in OPEN or session.get("role") != "member" or not session["workers"]:
-            with self._lock:
-                self._cache.pop(session_id, None)
-            return f"session is {session.get('status')}, not open for this peer"
+            return self._refuse(session_id, f"session is {session.get('status')}, not open for this peer")
         grant = Grant(
             normalize_public_key(session["owner"]["pubKey"]), session["workers"][0]["slots"], now + self._ttl
         )
         with self._lock:
+            self._refused.pop(session_id, None)
             self._cache[session_id] = grant
+            self._cache.move_to_end(session_id)
+            _trim(self._cache, self.MAX_ENTRIES)
         return grant
 
-    def __call__(self, hello: Hello) -> str | None:
-        grant = self.grant(hello.session_id)
+    def __call__(self, hello: Hello, source: str | None = None) -> str | None:
+        grant = self.grant(hello.session_id, source=source)
         if isinstance(grant, str):
             return grant
         if grant.owner_key != hello.public_key:
             return "the certificate's key is not the session owner's registered pubKey"
         return None
+
+    def _refuse(self, session_id: str, reason: str) -> str:
+        with self._lock:
+            self._cache.pop(session_id, None)
+            self._refused[session_id] = (time.monotonic() + self.NEGATIVE_SECONDS, reason)
+            self._refused.move_to_end(session_id)
+            _trim(self._refused, self.MAX_ENTRIES)
+        return reason
+
+    def _charge(self, source: str, now: float) -> bool:
+        """Count one uncached lookup for ``source``; False once its window's budget is spent."""
+        start, used = self._lookups.get(source, (now, 0))
+        if now - start >= self.LOOKUP_WINDOW:
+            start, used = now, 0
+        if used >= self.LOOKUPS_PER_SOURCE:
+            return False
+        self._lookups[source] = (start, used + 1)
+        self._lookups.move_to_end(source)
+        _trim(self._lookups, self.MAX_ENTRIES)
+        return True
+
+
+def _trim(entries: OrderedDict[str, Any], limit: int) -> None:
+    """Drop the oldest entries beyond ``limit``."""
+    while len(entries) > limit:
+        entries.popitem(last=False)
 
 
 @dataclass(eq=False)
@@ -462,7 +509,8 @@ class PeerDaemon:
         deadline = threading.Timer(HANDSHAKE_DEADLINE, wire.close_quietly, args=(sock,))
         deadline.start()
         try:
-            tls, hello = accept(sock, self.identity, self.authorizer)
+            source = address.rsplit(":", 1)[0]
+            tls, hello = accept(sock, self.identity, lambda hello: self.authorizer(hello, source))
         except Refused as exc:
             log.info("refused %s: %s", address, exc)
             wire.close_quietly(sock)

@@ -7,6 +7,7 @@ must not exist afterwards, proving nothing was deserialized.
 from __future__ import annotations
 
 import pickle
+import secrets
 import socket
 import ssl
 import threading
@@ -243,3 +244,44 @@ def test_a_peer_that_answers_pings_but_withholds_results_is_given_up(stack, lone
         assert time.monotonic() - started < 15
     finally:
         fake.close()
+
+
+def test_made_up_session_ids_cost_the_broker_little(session, tmp_path):
+    """A stranger sending hellos with made-up session ids gets at most
+    `Authorizer.LOOKUPS_PER_SOURCE` broker lookups per window; the live session's
+    requester, already granted, still gets in."""
+    from peer.daemon import Authorizer
+
+    pool, link = session
+    reasons = [
+        _hello(link.address, secrets.token_hex(16), pool.identity.cert_pem)[1]["reason"] for _ in range(48)
+    ]
+    looked_up = sum("no such session" in r for r in reasons)
+    throttled = sum("too many unknown sessions" in r for r in reasons)
+    assert looked_up <= Authorizer.LOOKUPS_PER_SOURCE
+    assert looked_up + throttled == 48 and throttled >= 48 - Authorizer.LOOKUPS_PER_SOURCE
+    assert pool.submit(abs, -3).result(30) == 3
+    time.sleep(Authorizer.LOOKUP_WINDOW)  # let later tests from this address start afresh
+
+
+class _CountingClient(BrokerClient):
+    """The real broker client, counting the session lookups it makes."""
+
+    lookups = 0
+
+    def session(self, session_id, *, wait=0.0):
+        self.lookups += 1
+        return super().session(session_id, wait=wait)
+
+
+def test_a_refused_session_is_remembered_briefly(stack, peers):
+    from peer.daemon import Authorizer
+
+    client = _CountingClient(stack.url, peers[0].client.token)
+    authorizer = Authorizer(client)
+    unknown = secrets.token_hex(16)
+    for _ in range(20):
+        assert "no such session" in authorizer.grant(unknown, source="203.0.113.9")
+    assert client.lookups == 1
+    assert "no such session" in authorizer.grant(unknown, fresh=True)
+    assert client.lookups == 2
