@@ -34,6 +34,7 @@ from peer import tasks as _tasks  # noqa: F401 - loaded before slots fork, so sa
 from peer import tracked, wire
 from peer.api import BrokerClient, BrokerError, BrokerUnreachable
 from peer.channel import Hello, Refused, accept, keepalive
+from peer.door import Gate
 from peer.errors import PeerError, ProtocolError, SandboxError, TaskError
 from peer.identity import Identity, normalize_public_key
 from peer.runtime import local_runtime
@@ -49,6 +50,7 @@ OPEN = ("matched", "partial")
 #: requester's own pool keeps slots x window tasks in flight, far below these; past
 #: them a connection is cut rather than let one requester exhaust the daemon's memory.
 MAX_HANDSHAKES = 64  # connections not yet authorized, at once
+MAX_HANDSHAKES_PER_SOURCE = 8  # of which from one address
 HANDSHAKE_DEADLINE = 15.0  # seconds for the whole handshake
 MAX_QUEUED_TASKS = 4096
 MAX_QUEUED_BYTES = 1024**3
@@ -373,7 +375,7 @@ class PeerDaemon:
         self._threads: list[threading.Thread] = []
         self._conns: set[Connection] = set()
         self._conns_lock = threading.Lock()
-        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._handshakes = Gate(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE)
         self._slots_ready = threading.Barrier(jobs + 1)
         self.base_uid, self._uid_locks = (
             claim_uid_block(jobs) if os.geteuid() == 0 else (DEFAULT_BASE_UID, [])
@@ -500,8 +502,10 @@ class PeerDaemon:
             self._spawn(self._serve_connection, sock, f"{addr[0]}:{addr[1]}", name=f"conn-{addr[1]}")
 
     def _serve_connection(self, sock: socket.socket, address: str) -> None:
-        if not self._handshakes.acquire(blocking=False):
-            log.info("refused %s: too many handshakes in progress", address)
+        source = address.rsplit(":", 1)[0]
+        full = self._handshakes.enter(source)
+        if full:
+            log.info("refused %s: %s", address, full)
             wire.close_quietly(sock)
             return
         # One deadline for the whole handshake, not per read: a client trickling its
@@ -509,7 +513,6 @@ class PeerDaemon:
         deadline = threading.Timer(HANDSHAKE_DEADLINE, wire.close_quietly, args=(sock,))
         deadline.start()
         try:
-            source = address.rsplit(":", 1)[0]
             tls, hello = accept(sock, self.identity, lambda hello: self.authorizer(hello, source))
         except Refused as exc:
             log.info("refused %s: %s", address, exc)
@@ -521,7 +524,7 @@ class PeerDaemon:
             return
         finally:
             deadline.cancel()
-            self._handshakes.release()
+            self._handshakes.leave(source)
         grant = self.authorizer.grant(hello.session_id)
         slots = grant.slots if not isinstance(grant, str) else 1
         conn = Connection(tls, hello.session_id, address)

@@ -285,3 +285,38 @@ def test_a_refused_session_is_remembered_briefly(stack, peers):
     assert client.lookups == 1
     assert "no such session" in authorizer.grant(unknown, fresh=True)
     assert client.lookups == 2
+
+
+def test_idle_handshakes_from_one_source_cannot_lock_out_the_requester(session):
+    """70 half-open connections from one address (more than the daemon's global cap)
+    take at most `MAX_HANDSHAKES_PER_SOURCE` places; the session's own requester,
+    from another address, still connects and runs a task at once."""
+    from peer.daemon import MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE
+
+    pool, link = session
+    host, port = link.address.rsplit(":", 1)
+    idle = []
+    try:
+        for _ in range(MAX_HANDSHAKES + 6):
+            sock = socket.socket()
+            sock.bind(("127.0.0.2", 0))
+            sock.connect((host, int(port)))
+            idle.append(sock)
+        time.sleep(0.5)
+        still_open = 0
+        for sock in idle:
+            sock.settimeout(0.05)
+            try:
+                still_open += sock.recv(1) != b""
+            except TimeoutError:
+                still_open += 1  # the daemon is still waiting for this one's hello
+            except OSError:
+                pass
+        assert still_open <= MAX_HANDSHAKES_PER_SOURCE
+        started = time.monotonic()
+        tls = connect(link.address, pool.identity, pool.session_id, _worker_key(pool, link))
+        assert time.monotonic() - started < 5
+        tls.close()
+    finally:
+        for sock in idle:
+            sock.close()
