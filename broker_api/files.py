@@ -44,5 +44,9 @@ def private_file(path: Path) -> None:
         os.close(fd)
     for suffix in ("-wal", "-shm", "-journal"):
         sibling = path.with_name(path.name + suffix)
-        if sibling.exists():
+        try:
             os.chmod(sibling, PRIVATE_FILE)
+        except FileNotFoundError:
+            # Absent, or another worker process's connection just closed and removed
+            # it: either way there is nothing to tighten.
+            pass

@@ -61,3 +61,38 @@ def test_an_existing_world_readable_database_is_tightened(tmp_path: Path, loose_
     private_file(db)
     assert _mode(db) == 0o600
     assert _mode(wal) == 0o600
+
+
+def test_workers_opening_one_database_at_once_do_not_trip_over_its_sidecars(
+    tmp_path: Path,
+) -> None:
+    """Gunicorn boots several workers that each tighten the same files; one worker's
+    SQLite connection may delete -shm or -wal just as another looks at it."""
+    import threading
+
+    db = tmp_path / "shared.db"
+    private_file(db)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        shm = tmp_path / "shared.db-shm"
+        while not stop.is_set():
+            shm.write_bytes(b"")
+            shm.unlink()
+
+    def tighten() -> None:
+        try:
+            for _ in range(2000):
+                private_file(db)
+        except BaseException as exc:
+            errors.append(exc)
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        tighten()
+    finally:
+        stop.set()
+        churner.join()
+    assert errors == []
