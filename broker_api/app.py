@@ -23,7 +23,7 @@ from broker_api.users import (
     TokensResource,
     UsersResource,
 )
-from matchmaker.queue import match_queue
+from matchmaker.queue import match_queue, probe_queue
 from matchmaker.registry import Registry
 
 
@@ -49,7 +49,9 @@ def create_app(settings: Settings, *, conn: redis.Redis | None = None) -> falcon
         # timeout is safe and turns a hung Redis into a prompt 503.
         conn = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
     versions = TokenVersions(conn, settings.token_ttl)
-    availability = Availability(Registry(conn, stale_after=settings.stale_after), match_queue(conn))
+    availability = Availability(
+        Registry(conn, stale_after=settings.stale_after), match_queue(conn), probe_queue(conn)
+    )
     throttle = LoginThrottle(conn, max_failures=settings.login_max_failures, window=settings.login_window)
     challenges = Challenges(conn, ttl=settings.challenge_ttl, per_client=settings.challenges_per_client)
 

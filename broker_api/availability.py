@@ -14,16 +14,20 @@ from rq import Queue
 
 from broker_api.models import User
 from matchmaker import keys, recovery
-from matchmaker.queue import enqueue_match, request_rematch
-from matchmaker.registry import Registry, RegistryLost
+from matchmaker.keys import ProofState
+from matchmaker.queue import enqueue_match, enqueue_probe, request_rematch
+from matchmaker.registry import Proof, Registry, RegistryLost
 
 T = TypeVar("T")
 
 
 class Availability:
-    def __init__(self, registry: Registry, queue: Queue) -> None:
+    """Args: the registry, the matchmaker's queue and the address probes' queue."""
+
+    def __init__(self, registry: Registry, queue: Queue, probes: Queue) -> None:
         self.registry = registry
         self.queue = queue
+        self.probes = probes
 
     def _recovering(self, op: Callable[[], T]) -> T:
         try:
@@ -32,19 +36,33 @@ class Availability:
             recovery.ensure_registry(self.registry, self.queue)
             return op()
 
-    def announce(self, user: User) -> None:
-        """Publish the account's slots, address and key; counts as a heartbeat."""
-        grew = self._recovering(
+    def announce(self, user: User, *, explicit: bool = False) -> None:
+        """Publish the account's slots, address and key; counts as a heartbeat.
+
+        A new address or key is probed (in the matchmaker, not here) before the peer
+        is matched; ``explicit`` (the host setting its slots) retries a failed probe.
+        """
+        announced = self._recovering(
             lambda: self.registry.announce(
                 user.id,
                 total=user.jobs,
                 address=user.address,
                 pub_key=user.pub_key,
                 runtime=user.runtime_dict,
+                explicit=explicit,
             )
         )
-        if grew:
+        if announced.probe:
+            enqueue_probe(self.probes, user.id, announced.probe)
+        if announced.rematch:
             request_rematch(self.queue)
+
+    def proof(self, user: User) -> Proof:
+        """Where the account's address proof stands, for the host to see."""
+        info = self.registry.peer(user.id)
+        if info is None or info.address != user.address or info.pub_key != user.pub_key:
+            return Proof(ProofState.UNPROVEN.value, "", None)
+        return info.proof
 
     def withdraw(self, user_id: str) -> None:
         self.registry.withdraw(user_id)

@@ -159,6 +159,21 @@ ERROR: Schema = {
     "required": ["title"],
 }
 _RUNTIME_OUT: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
+ADDRESS_PROOF: Schema = {
+    "type": "object",
+    "description": (
+        "Whether the broker has proven the address: it connected there and the host signed a"
+        " fresh challenge with the registered key. Only a proven host is matched; a new address"
+        " or key is probed once, a failed probe again when the host sets its jobs."
+    ),
+    "properties": {
+        "state": {"enum": ["unproven", "probing", "proven", "failed", "limited"]},
+        "detail": {"type": "string", "description": "Why a probe failed or was deferred."},
+        "checkedAt": {"type": "number", "description": "When the last probe began or ended."},
+    },
+    "required": ["state", "detail"],
+    "additionalProperties": False,
+}
 USER: Schema = {
     "type": "object",
     "properties": {
@@ -169,6 +184,7 @@ USER: Schema = {
         "jobs": {"type": "integer"},
         "runtime": _RUNTIME_OUT,
         "createdAt": {"type": "number"},
+        "addressProof": ADDRESS_PROOF,
     },
     "required": ["id", "email", "pubKey", "address", "jobs", "runtime", "createdAt"],
     "additionalProperties": False,

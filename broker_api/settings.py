@@ -34,6 +34,27 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1/0 (true/false, yes/no, on/off), got {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Configuration of one API process.
@@ -64,6 +85,14 @@ class Settings:
             long-poll is answered at once with the current state, so waiting clients
             never take the threads log-ins and reads need.
         page_size, max_page_size: default and cap of ``GET /v1/sessions?limit=``.
+        probe_private: whether address probes may go to loopback, private, link-local,
+            shared or reserved IPs (``PROBE_PRIVATE_ADDRESSES``; off by default, on in
+            the local stack and the tests).
+        probe_timeout: seconds one address probe may take, connect to answer.
+        probe_window: seconds of the probe rate limits' window.
+        probes_per_account: probes one account may cause per window.
+        probes_per_target: probes the broker sends to one ``ip:port`` per window,
+            whichever accounts announce it.
     """
 
     database_url: str
@@ -85,6 +114,11 @@ class Settings:
     long_poll_slots: int = 8
     page_size: int = 50
     max_page_size: int = 200
+    probe_private: bool = False
+    probe_timeout: float = 2.0
+    probe_window: int = 60
+    probes_per_account: int = 10
+    probes_per_target: int = 2
 
     @property
     def stale_after(self) -> int:
@@ -116,4 +150,9 @@ class Settings:
             long_poll_slots=_int(env, "LONG_POLL_SLOTS", 8),
             page_size=_int(env, "PAGE_SIZE", 50),
             max_page_size=_int(env, "MAX_PAGE_SIZE", 200),
+            probe_private=_bool(env, "PROBE_PRIVATE_ADDRESSES", False),
+            probe_timeout=_float(env, "PROBE_TIMEOUT", 2.0),
+            probe_window=_int(env, "PROBE_WINDOW", 60),
+            probes_per_account=_int(env, "PROBES_PER_ACCOUNT", 10),
+            probes_per_target=_int(env, "PROBES_PER_TARGET", 2),
         )

@@ -195,7 +195,12 @@ class MeResource:
         self._challenges = challenges
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = user_view(_me(req))
+        user = _me(req)
+        proof = self._availability.proof(user)
+        view = {"state": proof.state, "detail": proof.detail}
+        if proof.checked_at is not None:
+            view["checkedAt"] = proof.checked_at
+        resp.media = {**user_view(user), "addressProof": view}
 
     def _prove(self, req: falcon.Request, body: dict[str, Any], user: User) -> None:
         """Check the proof of ownership the body carries; raise unless there is one."""
@@ -307,7 +312,7 @@ class JobsResource:
             user.runtime = json.dumps(body["runtime"], sort_keys=True)
         with db.atomic():
             user.save()
-        self._availability.announce(user)
+        self._availability.announce(user, explicit=True)
         resp.media = {"jobs": user.jobs}
 
 

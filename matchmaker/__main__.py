@@ -5,6 +5,10 @@ one per job: a match job takes about 1 ms of work, so a fork (10-20 ms) would do
 the request-to-matched latency. Jobs are our own code, so the isolation a fork gives is
 not needed. The worker runs rq's scheduler, which fires the deadline of requests still
 short of peers.
+
+By default it serves the matching queue first and address probes (``matchmaker.probes``)
+when no match waits; a probe can take up to ``PROBE_TIMEOUT`` seconds, so the Procfile
+also runs a dedicated prober (``--queue probes``) and matching rarely waits behind one.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from broker_api.models import bind_database, create_tables
-from matchmaker import jobs, recovery
-from matchmaker.queue import match_queue
+from matchmaker import jobs, keys, recovery
+from matchmaker.queue import match_queue, probe_queue
 from matchmaker.registry import Registry
 from matchmaker.settings import Settings
 
@@ -45,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m matchmaker", description=__doc__.splitlines()[0])
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--name", help="worker name (default: rq's)")
+    parser.add_argument(
+        "--queue",
+        action="append",
+        choices=[keys.QUEUE_NAME, keys.PROBE_QUEUE],
+        help="queue to serve, in priority order; repeatable (default: matchmaker, then probes)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -54,9 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     bind_database(settings.database_url)
     create_tables()
     queue = match_queue(conn)
-    recovery.ensure_registry(Registry(conn, stale_after=settings.stale_after), queue)
+    registry = Registry(conn, stale_after=settings.stale_after)
+    recovery.ensure_registry(registry, queue)
     log.info("requeued %d pending sessions", recovery.requeue_pending(queue))
-    worker = SimpleWorker([queue], connection=conn, serializer=JSONSerializer, name=args.name)
+    log.info("requeued %d address probes", recovery.requeue_probes(registry, probe_queue(conn)))
+    chosen = args.queue or [keys.QUEUE_NAME, keys.PROBE_QUEUE]
+    queues = [queue if name == keys.QUEUE_NAME else probe_queue(conn) for name in chosen]
+    worker = SimpleWorker(queues, connection=conn, serializer=JSONSerializer, name=args.name)
     worker.work(burst=args.burst, with_scheduler=True, logging_level="WARNING")
     return 0
 

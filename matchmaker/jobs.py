@@ -38,6 +38,11 @@ def _current() -> Settings:
     return _settings
 
 
+def settings() -> Settings:
+    """The settings jobs use (configured, or read from the environment once)."""
+    return _current()
+
+
 def _context() -> tuple[Registry, Queue]:
     settings = _current()
     job = get_current_job()

@@ -19,6 +19,8 @@ HEARTBEATS = PREFIX + "hb"
 BUCKETS = PREFIX + "buckets"
 #: Sorted set: pending session id -> created time (matching order).
 PENDING = PREFIX + "pending"
+#: Set of peer ids whose address probe was asked for and has no outcome yet.
+PROBING = PREFIX + "probing"
 #: Set when capacity grew; the rematch job clears it before retrying pending sessions.
 REMATCH_FLAG = PREFIX + "rematch"
 
@@ -27,7 +29,9 @@ QUEUE_NAME = "matchmaker"
 
 
 def peer(user_id: str) -> str:
-    """Hash: total, held, address, pubKey, runtime, bucket of one peer."""
+    """Hash: total, held, address, pubKey, runtime, bucket of one peer, and its address
+    proof: subject (of the address and key announced), proof (the subject proven),
+    probe, probeState, probeAt, probeDetail, probeRetry (the last probe asked for)."""
     return f"{PREFIX}peer:{user_id}"
 
 
@@ -56,8 +60,32 @@ class Status(StrEnum):
     CLOSED = "closed"
 
 
+class ProofState(StrEnum):
+    """Where a peer's address proof stands (the registry's ``probeState``)."""
+
+    UNPROVEN = "unproven"  # no probe asked for yet (no slots offered)
+    PROBING = "probing"  # a probe is queued or running
+    PROVEN = "proven"  # the registered key answered at the address: matchable
+    FAILED = "failed"  # the probe failed; tried again when the host announces its slots
+    LIMITED = "limited"  # deferred by the probe rate limits; tried again after a while
+
+
 #: Statuses whose members hold slots.
 HOLDING = (Status.MATCHED.value, Status.PARTIAL.value)
+
+
+#: The rq queue of address probes (network I/O: kept off the matching queue's path).
+PROBE_QUEUE = "probes"
+
+
+def probe_rate_account(user_id: str) -> str:
+    """Counter of the probes asked for by one account in the current window."""
+    return f"{PREFIX}probe-rate:account:{user_id}"
+
+
+def probe_rate_target(target: str) -> str:
+    """Counter of the probes sent to one ``ip:port`` in the current window."""
+    return f"{PREFIX}probe-rate:target:{target}"
 
 
 def post_lock(user_id: str) -> str:

@@ -52,3 +52,20 @@ def request_rematch(queue: Queue) -> None:
     since the job does work only if the flag it clears was set."""
     queue.connection.set(keys.REMATCH_FLAG, "1")
     queue.enqueue("matchmaker.jobs.rematch_pending", result_ttl=0, failure_ttl=24 * 3600)
+
+
+def probe_queue(conn: redis.Redis) -> Queue:
+    """The address probes' rq queue (``python -m matchmaker`` serves it after matching)."""
+    return Queue(keys.PROBE_QUEUE, connection=conn, serializer=JSONSerializer)
+
+
+def enqueue_probe(queue: Queue, user_id: str, subject: str) -> None:
+    """Ask for one probe of the address and key a peer now announces (``subject``)."""
+    queue.enqueue(
+        "matchmaker.probes.probe_address",
+        user_id,
+        subject,
+        result_ttl=60,
+        failure_ttl=24 * 3600,
+        description=f"probe {user_id}",
+    )

@@ -15,7 +15,7 @@ from rq import Queue
 from broker_api.models import Member, Session, db
 from matchmaker import keys
 from matchmaker.keys import Status
-from matchmaker.queue import enqueue_match
+from matchmaker.queue import enqueue_match, enqueue_probe
 from matchmaker.registry import MatchmakerError, Registry
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,16 @@ def ensure_registry(registry: Registry, queue: Queue, *, wait: float = 30.0) -> 
         return True
     finally:
         registry.release_rebuild_lock()
+
+
+def requeue_probes(registry: Registry, probes: Queue) -> int:
+    """Queue again every probe asked for and never recorded (on matchmaker start: a
+    crashed worker may have lost it). A probe already recorded is not sent twice: the
+    job checks that its probe is still outstanding."""
+    waiting = registry.probing()
+    for user_id, subject in waiting.items():
+        enqueue_probe(probes, user_id, subject)
+    return len(waiting)
 
 
 def requeue_pending(queue: Queue) -> int:

@@ -13,6 +13,7 @@ data); callers then run ``rebuild`` from the database and retry.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -46,8 +47,9 @@ def runtime_bucket(runtime: Mapping[str, str] | None) -> str:
 
 
 _ANNOUNCE = """
-if redis.call('EXISTS', 'cb:epoch') == 0 then return {-1, 0} end
-local uid, total, bucket = ARGV[1], tonumber(ARGV[2]), ARGV[6]
+if redis.call('EXISTS', 'cb:epoch') == 0 then return {-1, 0, 0} end
+local uid, total, bucket, subject = ARGV[1], tonumber(ARGV[2]), ARGV[6], ARGV[8]
+local now = tonumber(ARGV[7])
 local pkey = 'cb:peer:' .. uid
 local old = redis.call('HGET', pkey, 'bucket')
 if old ~= bucket then
@@ -62,18 +64,59 @@ if old ~= bucket then
   redis.call('HINCRBY', 'cb:bucket-peers', bucket, 1)
 end
 redis.call('HSET', pkey, 'total', total, 'address', ARGV[3], 'pubKey', ARGV[4],
-           'runtime', ARGV[5], 'bucket', bucket)
+           'runtime', ARGV[5], 'bucket', bucket, 'subject', subject)
 local held = tonumber(redis.call('HGET', pkey, 'held') or '0')
 if held == 0 then redis.call('HSET', pkey, 'held', 0) end
 redis.call('ZADD', 'cb:hb', ARGV[7], uid)
 redis.call('SADD', 'cb:buckets', bucket)
+-- Only a peer whose address (and key) is proven is in the free index: a probe of
+-- each new subject is asked for once; a lost probe (still "probing" after a minute)
+-- or one the rate limits deferred is asked for again; a failed one only when the
+-- host announces explicitly (ARGV[9]).
+local proven = redis.call('HGET', pkey, 'proof') == subject
+local probe = 0
+if (not proven) and total > 0 then
+  local state = redis.call('HGET', pkey, 'probeState')
+  local at = tonumber(redis.call('HGET', pkey, 'probeAt') or '0')
+  if redis.call('HGET', pkey, 'probe') ~= subject
+     or (state == 'probing' and now - at > 60)
+     or (state == 'limited' and now >= tonumber(redis.call('HGET', pkey, 'probeRetry') or '0'))
+     or (state == 'failed' and ARGV[9] == '1') then
+    probe = 1
+    redis.call('HSET', pkey, 'probe', subject, 'probeState', 'probing', 'probeAt', now,
+               'probeDetail', '')
+    redis.call('SADD', 'cb:probing', uid)
+  end
+end
 local fkey = 'cb:free:' .. bucket
 local was = tonumber(redis.call('ZSCORE', fkey, uid) or '0')
 local free = total - held
-if free > 0 then redis.call('ZADD', fkey, free, uid) else redis.call('ZREM', fkey, uid) end
+if free > 0 and proven then redis.call('ZADD', fkey, free, uid) else redis.call('ZREM', fkey, uid) end
 local grew = 0
-if free > was then grew = 1 end
-return {grew, redis.call('ZCARD', 'cb:pending')}
+if proven and free > was then grew = 1 end
+return {grew, redis.call('ZCARD', 'cb:pending'), probe}
+"""
+
+# A probe's outcome, recorded only if the peer still announces the subject probed.
+_PROBED = """
+local uid, subject, state = ARGV[1], ARGV[2], ARGV[3]
+local pkey = 'cb:peer:' .. uid
+if redis.call('HGET', pkey, 'subject') ~= subject or redis.call('HGET', pkey, 'probe') ~= subject then
+  return {0, 0}
+end
+redis.call('HSET', pkey, 'probeState', state, 'probeAt', ARGV[4], 'probeDetail', ARGV[5],
+           'probeRetry', ARGV[6])
+redis.call('SREM', 'cb:probing', uid)
+if state ~= 'proven' then return {1, 0} end
+redis.call('HSET', pkey, 'proof', subject)
+local total = tonumber(redis.call('HGET', pkey, 'total') or '0')
+local held = tonumber(redis.call('HGET', pkey, 'held') or '0')
+local bucket = redis.call('HGET', pkey, 'bucket')
+if bucket and total - held > 0 then
+  redis.call('ZADD', 'cb:free:' .. bucket, total - held, uid)
+  return {1, redis.call('ZCARD', 'cb:pending')}
+end
+return {1, 0}
 """
 
 _WITHDRAW = """
@@ -87,6 +130,7 @@ if bucket then
   end
 end
 redis.call('ZREM', 'cb:hb', ARGV[1])
+redis.call('SREM', 'cb:probing', ARGV[1])
 redis.call('DEL', pkey)
 return 1
 """
@@ -164,7 +208,8 @@ for i = 1, #fields, 2 do
     if held < 0 then redis.call('HSET', pkey, 'held', 0); held = 0 end
     local total = tonumber(redis.call('HGET', pkey, 'total') or '0')
     local bucket = redis.call('HGET', pkey, 'bucket')
-    if bucket and total - held > 0 then
+    local proof = redis.call('HGET', pkey, 'proof')
+    if bucket and proof and proof == redis.call('HGET', pkey, 'subject') and total - held > 0 then
       redis.call('ZADD', 'cb:free:' .. bucket, total - held, uid)
     end
   end
@@ -173,6 +218,30 @@ for i = 1, #fields, 2 do
 end
 return {freed, redis.call('ZCARD', 'cb:pending')}
 """
+
+
+def proof_subject(address: str, pub_key: str) -> str:
+    """What a probe proves: this key answers at this address. A new address or a new key
+    is a new subject, and the old proof no longer counts."""
+    return hashlib.sha256(f"{address}\n{pub_key}".encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Announced:
+    """What an announcement asks of the caller: a rematch (capacity grew while requests
+    wait) and/or a probe of ``probe``, the subject the peer now announces."""
+
+    rematch: bool
+    probe: str | None
+
+
+@dataclass(frozen=True)
+class Proof:
+    """Where a peer's address proof stands (``keys.ProofState``), as the host sees it."""
+
+    state: str
+    detail: str
+    checked_at: float | None
 
 
 @dataclass(frozen=True)
@@ -186,10 +255,15 @@ class PeerInfo:
     pub_key: str
     runtime: dict[str, str]
     last_heartbeat: float | None
+    proof: Proof
 
     @property
     def free(self) -> int:
         return max(0, self.total - self.held)
+
+    @property
+    def proven(self) -> bool:
+        return self.proof.state == keys.ProofState.PROVEN
 
 
 def _s(value: bytes | str) -> str:
@@ -211,6 +285,7 @@ class Registry:
         self._withdraw = conn.register_script(_WITHDRAW)
         self._reserve = conn.register_script(_RESERVE)
         self._release = conn.register_script(_RELEASE)
+        self._probed = conn.register_script(_PROBED)
 
     def announce(
         self,
@@ -221,11 +296,18 @@ class Registry:
         pub_key: str,
         runtime: Mapping[str, str],
         now: float | None = None,
-    ) -> bool:
-        """Record a peer's slots and heartbeat. Returns True when capacity grew while
-        requests are pending, i.e. when a rematch is worth running."""
+        explicit: bool = False,
+    ) -> Announced:
+        """Record a peer's slots and heartbeat.
+
+        The peer is matchable only once its address and key are proven (`probed`). The
+        result asks for a probe once per new address or key (a heartbeat never asks
+        again for the same one); ``explicit`` (the host announcing its slots, not a
+        heartbeat) also asks again after a failed probe.
+        """
         now = time.time() if now is None else now
-        grew, pending = self._announce(
+        subject = proof_subject(address, pub_key)
+        grew, pending, probe = self._announce(
             args=[
                 user_id,
                 total,
@@ -234,11 +316,34 @@ class Registry:
                 json.dumps(dict(runtime), sort_keys=True),
                 runtime_bucket(runtime),
                 repr(now),
+                subject,
+                "1" if explicit else "0",
             ]
         )
         if grew == -1:
             raise RegistryLost("registry epoch missing")
-        return bool(grew) and pending > 0
+        return Announced(bool(grew) and pending > 0, subject if probe else None)
+
+    def probed(
+        self,
+        user_id: str,
+        subject: str,
+        state: keys.ProofState,
+        *,
+        detail: str = "",
+        retry_at: float = 0.0,
+        now: float | None = None,
+    ) -> tuple[bool, bool]:
+        """Record a probe's outcome for ``subject``; a proven peer becomes matchable.
+
+        Ignored when the peer has announced another address or key since (that one gets
+        its own probe). Returns ``(recorded, whether a rematch is worth running)``.
+        """
+        now = time.time() if now is None else now
+        recorded, pending = self._probed(
+            args=[user_id, subject, state.value, repr(now), detail[:200], repr(retry_at)]
+        )
+        return bool(recorded), pending > 0
 
     def withdraw(self, user_id: str) -> None:
         """Forget a peer entirely (account deleted)."""
@@ -282,6 +387,15 @@ class Registry:
             raise RegistryLost("registry epoch missing")
         return int(freed), pending > 0
 
+    def probing(self) -> dict[str, str]:
+        """Peer id -> subject of every probe asked for and not yet recorded."""
+        out = {}
+        for uid in self.conn.smembers(keys.PROBING):
+            subject = self.conn.hget(keys.peer(_s(uid)), "probe")
+            if subject:
+                out[_s(uid)] = _s(subject)
+        return out
+
     def buckets(self) -> list[str]:
         """Every runtime bucket that has peers (emptied buckets are removed)."""
         return sorted(_s(b) for b in self.conn.smembers(keys.BUCKETS))
@@ -292,6 +406,15 @@ class Registry:
         if "total" not in raw:
             return None
         hb = self.conn.zscore(keys.HEARTBEATS, user_id)
+        if raw.get("proof") and raw.get("proof") == raw.get("subject"):
+            state = keys.ProofState.PROVEN.value
+        elif raw.get("probe") == raw.get("subject") and raw.get("probeState"):
+            state = raw["probeState"]
+        else:
+            state = keys.ProofState.UNPROVEN.value
+        proof = Proof(
+            state, raw.get("probeDetail", ""), float(raw["probeAt"]) if raw.get("probeAt") else None
+        )
         return PeerInfo(
             user_id=user_id,
             total=int(raw["total"]),
@@ -300,6 +423,7 @@ class Registry:
             pub_key=raw.get("pubKey", ""),
             runtime=json.loads(raw.get("runtime", "{}")),
             last_heartbeat=hb,
+            proof=proof,
         )
 
     def allocation(self, session_id: str) -> dict[str, int]:

@@ -21,6 +21,11 @@ class Settings:
     redis_url: str
     heartbeat_interval: int
     max_held_slots: int = 128
+    probe_private: bool = False
+    probe_timeout: float = 2.0
+    probe_window: int = 60
+    probes_per_account: int = 10
+    probes_per_target: int = 2
 
     @property
     def stale_after(self) -> int:
@@ -34,4 +39,9 @@ class Settings:
             api.redis_url,
             api.heartbeat_interval,
             max_held_slots=api.max_held_slots,
+            probe_private=api.probe_private,
+            probe_timeout=api.probe_timeout,
+            probe_window=api.probe_window,
+            probes_per_account=api.probes_per_account,
+            probes_per_target=api.probes_per_target,
         )

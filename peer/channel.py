@@ -18,6 +18,9 @@ The exchange, before any pickle may cross::
 
 The peer speaks first over TLS because in TLS 1.3 a client sees a rejection of its
 certificate only on its first read.
+
+A first frame PROBE instead of HELLO is the broker proving the peer's address
+(``peer.probe``): answered with one signature, then the connection ends as refused.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from peer import wire
+from peer import probe, wire
 from peer.errors import PeerError, ProtocolError
 from peer.identity import Identity, IdentityError, normalize_public_key, public_key_pem
 from peer.runtime import local_runtime, mismatch
@@ -115,6 +118,11 @@ def accept(
     """
     sock.settimeout(timeout)
     kind, payload = wire.read_frame(sock, max_frame=wire.JSON_LIMIT)
+    if kind is Kind.PROBE:  # the broker proving our address: answered, then closed
+        try:
+            probe.answer(sock, payload, probe.signer(identity))
+        except probe.Answered as exc:
+            raise Refused(str(exc)) from None
     if kind is not Kind.HELLO:
         _refuse(sock, f"expected HELLO, got {kind.name}; nothing is accepted before the handshake")
     try:

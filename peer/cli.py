@@ -150,7 +150,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     account, client = _logged_in(Path(args.home), args.broker)
     me = client.me()
     print(f"account   {me['email']} ({me['id']}) at {account.broker}")
-    print(f"address   {me['address']}")
+    proof = me.get("addressProof") or {}
+    detail = f": {proof['detail']}" if proof.get("detail") else ""
+    print(f"address   {me['address']} ({proof.get('state', 'unknown')}{detail})")
     print(f"slots     {me['jobs']}  runtime {me.get('runtime') or '-'}")
     sessions = client.sessions()
     print(f"sessions  {len(sessions)}")

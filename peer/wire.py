@@ -53,6 +53,8 @@ class Kind(IntEnum):
     PING = 10
     PONG = 11
     BYE = 12  # orderly close
+    PROBE = 13  # JSON: the broker's address probe (peer.probe), instead of a HELLO
+    PROBE_OK = 14  # JSON: the host's signature over the probe
 
 
 def close_quietly(sock: socket.socket) -> None:

@@ -56,12 +56,15 @@ import dill
 import falcon
 import redis
 import requests
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker_api.settings import Settings
 from matchmaker import keys
 from matchmaker.local_redis import start as start_redis
 from matchmaker.queue import match_queue
 from matchmaker.registry import Registry, runtime_bucket
+from peer import probe, wire
+from peer.errors import PeerError
 from scripts.load import user_body
 from scripts.stack import ROOT, LocalStack, Process, free_port, procfile, wait_http
 
@@ -274,10 +277,31 @@ class Api:
             raise RuntimeError(f"{method} {path} -> {r.status_code} {r.text}")
         return r
 
-    def signup(self, email: str, port: int) -> dict[str, Any]:
+    def signup(self, email: str, port: int, key: ed25519.Ed25519PrivateKey | None = None) -> dict[str, Any]:
         challenge = self.call("POST", "/v1/challenges").json()["challenge"]
-        body = user_body(challenge, email, "bench password", f"127.0.0.1:{port}")
+        body = user_body(challenge, email, "bench password", f"127.0.0.1:{port}", key)
         return self.call("POST", "/v1/users", json=body).json()
+
+
+def answer_probes(key: ed25519.Ed25519PrivateKey) -> int:
+    """A stand-in host on a free loopback port that answers the broker's address probes
+    with ``key`` (the peer of the match benchmark is matched only once proven)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                try:
+                    conn.settimeout(5)
+                    kind, payload = wire.read_frame(conn, max_frame=wire.JSON_LIMIT)
+                    if kind is wire.Kind.PROBE:
+                        probe.answer(conn, payload, key.sign)
+                except (OSError, PeerError):
+                    pass
+
+    threading.Thread(target=serve, daemon=True, name="probe-answers").start()
+    return listener.getsockname()[1]
 
 
 def say(*parts: object) -> None:
@@ -425,6 +449,11 @@ def _load_peers(conn: redis.Redis, n: int, bucket: str, now: float, chunk: int =
                     "pubKey": "k",
                     "runtime": runtime,
                     "bucket": bucket,
+                    # proven (as a probe records it), so released slots return to the index
+                    "subject": "s",
+                    "proof": "s",
+                    "probe": "s",
+                    "probeState": "proven",
                 },
             )
         pipe.zadd(keys.HEARTBEATS, dict.fromkeys(ids, now))
@@ -575,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
             api = Api(stack.url)
             accounts = [api.signup(f"requester{i}@example.org", 7100 + i) for i in range(args.connections)]
             tokens = [a["token"] for a in accounts]
-            peer = api.signup("peer@example.org", 7000)
+            peer_key = ed25519.Ed25519PrivateKey.generate()
+            peer = api.signup("peer@example.org", answer_probes(peer_key), peer_key)
 
             say(f"\n1. GET {ME_PATH} throughput, ours vs Falcon hello world ({args.duration:g} s runs)")
             tput = bench_throughput(client, stack.port, hello_port, tokens, args)

@@ -154,7 +154,8 @@ def wait_http(url: str, timeout: float = 30.0, proc: Process | None = None) -> N
 
 
 class LocalStack:
-    """Redis (unless ``REDIS_URL`` is set), gunicorn and matchmakers in a data dir.
+    """Redis (unless ``REDIS_URL`` is set), gunicorn, matchmakers and a prober in a data
+    dir; probes of loopback addresses allowed (``PROBE_PRIVATE_ADDRESSES``).
 
     Args:
         data_dir: where the SQLite file, token keys and Redis socket live (a fresh
@@ -179,6 +180,8 @@ class LocalStack:
             **os.environ,
             "COMPUTE_BROKER_DATA": str(self.data_dir),
             "PORT": str(self.port),
+            # Peers of a local stack listen on loopback: let the broker probe them there.
+            "PROBE_PRIVATE_ADDRESSES": "1",
             **(env or {}),
         }
         self.matchmakers = matchmakers
@@ -194,6 +197,7 @@ class LocalStack:
             self.processes += [
                 Process("matchmaker", self.env, self.data_dir) for _ in range(self.matchmakers)
             ]
+            self.processes.append(Process("prober", self.env, self.data_dir))
             wait_http(f"{self.url}/v1/health", timeout=60, proc=web)
         except BaseException:
             self.stop()

@@ -26,9 +26,10 @@ from broker_api.app import create_app
 from broker_api.models import MODELS, bind_database, db
 from broker_api.settings import Settings
 from matchmaker import jobs
-from matchmaker.queue import match_queue
+from matchmaker.queue import match_queue, probe_queue
 from matchmaker.settings import Settings as MatchmakerSettings
 from scripts.stack import free_port
+from tests import listeners
 from tests.openapi_check import ResponseChecker
 
 
@@ -79,6 +80,13 @@ class RedisServer:
         self.start()
 
 
+@pytest.fixture(autouse=True)
+def _close_listeners() -> Iterator[None]:
+    """Close the probe responders and victims a test opened (``tests.listeners``)."""
+    yield
+    listeners.close_all()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
@@ -117,6 +125,7 @@ def env(tmp_path: Path, redis_server: RedisServer, database_url: str) -> dict[st
         "REDIS_URL": redis_server.url,
         "SCRYPT_N": "1024",
         "HEARTBEAT_INTERVAL": "10",
+        "PROBE_PRIVATE_ADDRESSES": "1",  # test peers listen on loopback
     }
 
 
@@ -126,10 +135,8 @@ def settings(env: dict[str, str], conn: redis.Redis) -> Settings:
 
 
 @pytest.fixture
-def app(settings: Settings, conn: redis.Redis) -> Any:
-    jobs.configure(
-        MatchmakerSettings.from_env({"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url})
-    )
+def app(settings: Settings, conn: redis.Redis, env: dict[str, str]) -> Any:
+    jobs.configure(MatchmakerSettings.from_env(env))
     return create_app(settings, conn=conn)
 
 
@@ -141,14 +148,17 @@ def client(app: Any) -> ResponseChecker:
 
 @pytest.fixture
 def run_matchmaker(conn: redis.Redis, app: Any) -> Callable[..., None]:
-    """Run the matchmaker queue to empty in this process (rq's SimpleWorker, burst);
-    fails the test if any job failed."""
+    """Run the address probes, then the matchmaker queue, to empty in this process (rq's
+    SimpleWorker, burst); fails the test if any job failed. Probes first: peers that
+    offered slots before a request are proven (as a running prober would have done)
+    before it is matched."""
 
     def run(*, with_scheduler: bool = False) -> None:
-        queue = match_queue(conn)
-        worker = SimpleWorker([queue], connection=conn, serializer=JSONSerializer)
+        queues = [probe_queue(conn), match_queue(conn)]
+        worker = SimpleWorker(queues, connection=conn, serializer=JSONSerializer)
         worker.work(burst=True, with_scheduler=with_scheduler, logging_level="WARNING")
-        failed = queue.failed_job_registry
-        assert failed.count == 0, [queue.fetch_job(j).exc_info for j in failed.get_job_ids()]
+        for queue in queues:
+            failed = queue.failed_job_registry
+            assert failed.count == 0, [queue.fetch_job(j).exc_info for j in failed.get_job_ids()]
 
     return run

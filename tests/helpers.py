@@ -10,6 +10,7 @@ import dill
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from scripts.load import public_pem, sign, user_body
+from tests import listeners
 
 __all__ = [
     "KEYS",
@@ -50,11 +51,13 @@ def signup(
     key: ed25519.Ed25519PrivateKey | None = None,
 ) -> dict[str, Any]:
     """Create an account with a signed challenge; returns its JSON (with ``token``).
-    Its private key is kept in ``KEYS[id]``."""
+    Its private key is kept in ``KEYS[id]``; its address is a real loopback listener
+    that answers the broker's address probes with that key (an honest host)."""
     n = next(_counter)
     email = email or f"user{n}@example.org"
     key = key or ed25519.Ed25519PrivateKey.generate()
-    body = user_body(challenge(client), email, password, f"127.0.0.1:{20000 + n}", key)
+    host = listeners.responder(key.sign)
+    body = user_body(challenge(client), email, password, host.address, key)
     result = client.post("/v1/users", json=body)
     assert result.status_code == 201, result.text
     KEYS[result.json["id"]] = key

@@ -26,6 +26,7 @@ def _client(settings: Any, conn: Any, **overrides: Any) -> ResponseChecker:
                 {"DATABASE_URL": changed.database_url, "REDIS_URL": changed.redis_url}
             ),
             max_held_slots=changed.max_held_slots,
+            probe_private=changed.probe_private,
         )
     )
     return ResponseChecker(testing.TestClient(create_app(changed, conn=conn)))

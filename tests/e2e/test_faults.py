@@ -12,10 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker_api.models import Member, Session, db
 from matchmaker.registry import Registry
 from scripts.stack import Process, free_port, wait_http
+from tests import listeners
 from tests.helpers import RUNTIME, auth, offer, signup, user_body
 
 
@@ -111,7 +113,9 @@ def test_two_node_broker(env, tmp_path, conn):
 
         def signup_at(url: str, n: int) -> dict:
             challenge = http.post(f"{url}/v1/challenges", timeout=10).json()["challenge"]
-            body = user_body(challenge, f"node{n}@example.org", "two nodes!", f"127.0.0.1:{7000 + n}")
+            key = ed25519.Ed25519PrivateKey.generate()
+            host = listeners.responder(key.sign)  # an honest host: answers the broker's probe
+            body = user_body(challenge, f"node{n}@example.org", "two nodes!", host.address, key)
             r = http.post(f"{url}/v1/users", json=body, timeout=10)
             assert r.status_code == 201, r.text
             return r.json()

@@ -6,8 +6,10 @@ import time
 
 import pytest
 import requests
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from scripts.stack import Process, free_port, wait_http
+from tests import listeners
 from tests.helpers import RUNTIME, user_body
 
 pytestmark = pytest.mark.slow
@@ -31,13 +33,16 @@ def stack(env, tmp_path):
 def test_newcomer_walkthrough_over_http(stack):
     """The README's curl walkthrough: two accounts, 2 jobs, a pool of 2, matched."""
     http = requests.Session()
+    key = ed25519.Ed25519PrivateKey.generate()
+    host = listeners.responder(key.sign)  # the peer's machine, answering the broker's probe
     peer = http.post(
         f"{stack}/v1/users",
         json=user_body(
             http.post(f"{stack}/v1/challenges").json()["challenge"],
             "peer@example.org",
             "peer password",
-            "127.0.0.1:7001",
+            host.address,
+            key,
         ),
     ).json()
     http.post(
@@ -72,7 +77,7 @@ def test_newcomer_walkthrough_over_http(stack):
     elapsed = time.perf_counter() - t0
     assert session["status"] == "matched", session
     assert session["workers"] == [
-        {"id": peer["id"], "address": "127.0.0.1:7001", "pubKey": peer["pubKey"], "slots": 2}
+        {"id": peer["id"], "address": host.address, "pubKey": peer["pubKey"], "slots": 2}
     ]
     assert elapsed < 5
     # Both gunicorn workers accept the same token (shared key file).

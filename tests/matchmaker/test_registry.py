@@ -21,7 +21,11 @@ def registry(conn):
 
 
 def announce(registry, uid, total, *, now=None):
-    registry.announce(uid, total=total, address=f"{uid}:1", pub_key="k", runtime=RT, now=now)
+    """Announce a peer and record its address as proven (the probes themselves are
+    tested in test_probes.py)."""
+    announced = registry.announce(uid, total=total, address=f"{uid}:1", pub_key="k", runtime=RT, now=now)
+    if announced.probe:
+        assert registry.probed(uid, announced.probe, keys.ProofState.PROVEN, now=now)[0]
 
 
 def test_runtime_bucket_groups_by_minor_versions():

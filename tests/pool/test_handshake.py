@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from peer import codec, wire
+from peer import codec, probe, wire
 from peer.api import BrokerClient
 from peer.channel import Refused, accept, connect
 from peer.config import Account
@@ -157,6 +157,12 @@ class FakePeer:
             except OSError:
                 return
             try:
+                # The broker's address probe is answered with the registered key (this
+                # host holds it); only requesters are shown the other certificate.
+                header = sock.recv(wire.HEADER.size, socket.MSG_PEEK | socket.MSG_WAITALL)
+                if len(header) == wire.HEADER.size and header[5] == Kind.PROBE:
+                    kind, payload = wire.read_frame(sock, max_frame=wire.JSON_LIMIT)
+                    probe.answer(sock, payload, probe.signer(self.identity))
                 tls, _ = accept(sock, self.shown, lambda hello: None)
                 while True:
                     kind, payload = wire.read_frame(tls)
