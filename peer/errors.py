@@ -85,3 +85,20 @@ class UnsafeResultError(PeerError):
     Raised when a result references a global outside the allow-list, or was encoded
     with dill, which can only be loaded by a requester that trusts the peer.
     """
+
+
+class DataError(ProtocolError):
+    """A result is not valid data (`peer.datacodec`): malformed, over one of the
+    decoder's bounds, or naming a class the requester does not have."""
+
+
+class RemoteTraceback(Exception):
+    """The formatted traceback of an exception raised on a peer, attached as the
+    ``__cause__`` of the exception rebuilt here (as `ProcessPoolExecutor` does)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text.rstrip()}\n"""'
