@@ -118,6 +118,25 @@ def accept(
     """
     sock.settimeout(timeout)
     kind, payload = wire.read_frame(sock, max_frame=wire.JSON_LIMIT)
+    return answer(sock, kind, payload, identity, authorize, timeout=timeout)
+
+
+def answer(
+    sock: socket.socket,
+    kind: Kind,
+    payload: memoryview,
+    identity: Identity,
+    authorize: Callable[[Hello], str | None],
+    *,
+    timeout: float = HANDSHAKE_TIMEOUT,
+) -> tuple[ssl.SSLSocket, Hello]:
+    """`accept` once the first frame (at most `wire.JSON_LIMIT` bytes) has been read,
+    e.g. by the daemon's front door, which reads hellos without a thread per socket.
+
+    Raises:
+        Refused, ProtocolError, OSError, ssl.SSLError: as `accept`.
+    """
+    sock.settimeout(timeout)
     if kind is Kind.PROBE:  # the broker proving our address: answered, then closed
         try:
             probe.answer(sock, payload, probe.signer(identity))

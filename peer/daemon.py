@@ -1,10 +1,13 @@
 """The contributor's daemon: announce slots, heartbeat, accept work, run it sandboxed.
 
 Threads, each with one job:
-- the accept loop hands each TCP connection to a connection thread, which runs the
+- the front door (`peer.door.FrontDoor`: one selector thread and a fixed number of
+  handshake threads) accepts connections, reads each bounded JSON hello and runs the
   `peer.channel` handshake (authorizing the requester with the broker before anything
-  but a bounded JSON hello is read) and then reads frames: FUNC (code, kept per
-  connection), TASK (queued for a slot), PING;
+  but that hello is read); a stranger's connections never get a thread of their own;
+- each admitted connection gets one thread (at most `MAX_CONNECTIONS_PER_SESSION` per
+  session, and sessions are bounded by the slots the broker matched), which reads
+  frames: FUNC (code, kept per connection), TASK (queued for a slot), PING;
 - one thread per slot owns a `peer.sandbox.Slot` (a sandboxed child process) for its
   whole life and runs the tasks the `WorkQueue` gives it, writing each result back on
   the task's connection;
@@ -33,8 +36,8 @@ from typing import Any, TypeVar
 from peer import tasks as _tasks  # noqa: F401 - loaded before slots fork, so sandboxes can use it
 from peer import tracked, wire
 from peer.api import BrokerClient, BrokerError, BrokerUnreachable
-from peer.channel import Hello, Refused, accept, keepalive
-from peer.door import Gate
+from peer.channel import Hello, Refused, answer, keepalive
+from peer.door import FrontDoor, Gate
 from peer.errors import PeerError, ProtocolError, SandboxError, TaskError
 from peer.identity import Identity, normalize_public_key
 from peer.runtime import local_runtime
@@ -52,6 +55,8 @@ OPEN = ("matched", "partial")
 MAX_HANDSHAKES = 64  # connections not yet authorized, at once
 MAX_HANDSHAKES_PER_SOURCE = 8  # of which from one address
 HANDSHAKE_DEADLINE = 15.0  # seconds for the whole handshake
+HANDSHAKE_WORKERS = 4  # threads finishing handshakes whose hello has arrived
+MAX_CONNECTIONS_PER_SESSION = 4  # a newer one replaces the oldest (a requester reconnecting)
 MAX_QUEUED_TASKS = 4096
 MAX_QUEUED_BYTES = 1024**3
 MAX_FUNCTIONS = 1024
@@ -218,6 +223,7 @@ class Connection:
     queued_bytes: int = 0
     code_bytes: int = 0
     count_lock: threading.Lock = field(default_factory=threading.Lock)
+    thread: threading.Thread | None = None
 
     def send(self, kind: Kind, parts: list[wire.Buffer]) -> None:
         if not self.alive:
@@ -376,6 +382,9 @@ class PeerDaemon:
         self._conns: set[Connection] = set()
         self._conns_lock = threading.Lock()
         self._handshakes = Gate(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE)
+        #: Authenticated connections at once: as many per session as the sessions the
+        #: broker can match with our slots could use, with room for a few that linger.
+        self._max_connections = MAX_CONNECTIONS_PER_SESSION * max(jobs, 1) * 2
         self._slots_ready = threading.Barrier(jobs + 1)
         self.base_uid, self._uid_locks = (
             claim_uid_block(jobs) if os.geteuid() == 0 else (DEFAULT_BASE_UID, [])
@@ -388,6 +397,15 @@ class PeerDaemon:
             self.listener.close()
             raise DaemonError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
         self.listener.listen(128)
+        self._door = FrontDoor(
+            self.listener,
+            self._handshakes,
+            handshake=self._handshake,
+            admit=self._admit,
+            workers=HANDSHAKE_WORKERS,
+            deadline=HANDSHAKE_DEADLINE,
+            accepted=_tune,
+        )
         self.port = self.listener.getsockname()[1]
         self.address = advertise or f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"  # noqa: S104
         self.completed = 0
@@ -405,7 +423,7 @@ class PeerDaemon:
         self._broker(lambda: self.client.update_me(address=self.address, pubKey=self.identity.public_key))
         self._broker(lambda: self.client.set_jobs(self.jobs, local_runtime()))
         self._spawn(self._heartbeat_loop, name="heartbeat")
-        self._spawn(self._accept_loop, name="accept")
+        self._door.start()
         log.info("serving %d slot(s) at %s", self.jobs, self.address)
 
     def stop(self, *, drain: float = 30.0) -> None:
@@ -414,10 +432,7 @@ class PeerDaemon:
         if self._stop.is_set():
             return
         self._stop.set()
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        except OSError:
-            pass
+        self._door.stop()
         self.listener.close()
         try:
             self._broker(lambda: self.client.set_jobs(0))
@@ -432,7 +447,7 @@ class PeerDaemon:
         for conn in conns:
             wire.close_with_bye(conn.tls, conn.write_lock)
             conn.alive = False
-        for thread in self._threads:
+        for thread in [*self._threads, *(c.thread for c in conns if c.thread is not None)]:
             thread.join(10)
         for fd in self._uid_locks:
             os.close(fd)
@@ -491,51 +506,59 @@ class PeerDaemon:
                         raise
                 self._idle_since.pop(sid, None)
 
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, addr = self.listener.accept()
-            except OSError:
-                return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            keepalive(sock)  # a vanished requester must not hold its session's slots
-            self._spawn(self._serve_connection, sock, f"{addr[0]}:{addr[1]}", name=f"conn-{addr[1]}")
-
-    def _serve_connection(self, sock: socket.socket, address: str) -> None:
+    def _handshake(
+        self, sock: socket.socket, address: str, kind: Kind, hello: memoryview, timeout: float
+    ) -> tuple[ssl.SSLSocket, Hello] | None:
+        """Answer a hello the front door read (a handshake thread): the TLS socket and
+        the checked hello, or None once refused or failed (``sock`` is then closed)."""
         source = address.rsplit(":", 1)[0]
-        full = self._handshakes.enter(source)
-        if full:
-            log.info("refused %s: %s", address, full)
-            wire.close_quietly(sock)
-            return
-        # One deadline for the whole handshake, not per read: a client trickling its
-        # hello a byte at a time cannot hold this thread for long.
-        deadline = threading.Timer(HANDSHAKE_DEADLINE, wire.close_quietly, args=(sock,))
-        deadline.start()
         try:
-            tls, hello = accept(sock, self.identity, lambda hello: self.authorizer(hello, source))
+            return answer(
+                sock, kind, hello, self.identity, lambda h: self._authorize(h, source), timeout=timeout
+            )
         except Refused as exc:
             log.info("refused %s: %s", address, exc)
-            wire.close_quietly(sock)
-            return
         except (ProtocolError, OSError, ssl.SSLError, ValueError) as exc:
             log.info("handshake with %s failed: %s", address, exc)
-            wire.close_quietly(sock)
-            return
-        finally:
-            deadline.cancel()
-            self._handshakes.leave(source)
-        grant = self.authorizer.grant(hello.session_id)
-        slots = grant.slots if not isinstance(grant, str) else 1
-        conn = Connection(tls, hello.session_id, address)
+        wire.close_quietly(sock)
+        return None
+
+    def _authorize(self, hello: Hello, source: str) -> str | None:
         with self._conns_lock:
+            if len(self._conns) >= self._max_connections:
+                return "this peer has too many connections open; try again shortly"
+        return self.authorizer(hello, source)
+
+    def _admit(self, tls: socket.socket, hello: Hello, address: str) -> None:
+        """Start serving an authenticated connection on a thread of its own. A session
+        keeps at most `MAX_CONNECTIONS_PER_SESSION`: a newer one closes its oldest."""
+        assert isinstance(tls, ssl.SSLSocket)
+        conn = Connection(tls, hello.session_id, address)
+        conn.thread = threading.Thread(
+            target=self._serve_connection, args=(conn,), name=f"conn-{address}", daemon=True
+        )
+        with self._conns_lock:
+            same = sorted(
+                (c for c in self._conns if c.session_id == hello.session_id), key=lambda c: c.opened
+            )
             self._conns.add(conn)
-        log.info("session %s: requester connected from %s (%d slot(s))", hello.session_id[:8], address, slots)
+        for old in same[: max(0, len(same) + 1 - MAX_CONNECTIONS_PER_SESSION)]:
+            log.info("session %s: more than %d connections; closing the oldest", hello.session_id[:8],
+                     MAX_CONNECTIONS_PER_SESSION)  # fmt: skip
+            old.alive = False
+            wire.close_quietly(old.tls)
+        conn.thread.start()
+
+    def _serve_connection(self, conn: Connection) -> None:
+        hello_session, address, tls = conn.session_id, conn.address, conn.tls
+        grant = self.authorizer.grant(hello_session)
+        slots = grant.slots if not isinstance(grant, str) else 1
+        log.info("session %s: requester connected from %s (%d slot(s))", hello_session[:8], address, slots)
         try:
             self._read_frames(conn, slots)
         except (ProtocolError, OSError, ssl.SSLError) as exc:
             if conn.alive and not self._stop.is_set():
-                log.info("session %s: connection from %s ended: %s", hello.session_id[:8], address, exc)
+                log.info("session %s: connection from %s ended: %s", hello_session[:8], address, exc)
         finally:
             conn.alive = False
             dropped = self.queue.drop(conn)
@@ -545,7 +568,7 @@ class PeerDaemon:
             wire.close_quietly(tls)
             log.info(
                 "session %s: %s disconnected after %d task(s)%s",
-                hello.session_id[:8],
+                hello_session[:8],
                 address,
                 conn.tasks,
                 f", {dropped} queued task(s) dropped" if dropped else "",
@@ -653,6 +676,13 @@ class PeerDaemon:
                     with work.conn.count_lock:
                         work.conn.queued -= 1
                         work.conn.queued_bytes -= work.size
+
+
+def _tune(sock: socket.socket) -> None:
+    """Options of every accepted connection: small frames go out at once, and a vanished
+    requester is noticed by keepalive (it must not hold its session's slots)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    keepalive(sock)
 
 
 def _error(task_id: bytes | memoryview, error: TaskError) -> bytes:

@@ -129,12 +129,32 @@ def read_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> tuple
         OSError: transport errors (including ``TimeoutError``) propagate unchanged
             so the caller can tell a slow peer from a malformed one.
     """
+    kind, length = read_header(sock, max_frame)
+    return kind, read_payload(sock, kind, length)
+
+
+def read_header(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[Kind, int]:
+    """Receive and check a frame header only: its kind and payload length, so that a
+    caller can account for the payload (or refuse it) before allocating it.
+
+    Raises:
+        ConnectionClosed, ProtocolError, OSError: as `read_frame`.
+    """
     header = bytearray(HEADER.size)
     got = _recv_exactly(sock, memoryview(header))
     if got == 0:
         raise ConnectionClosed("connection closed")
     if got < HEADER.size:
         raise ProtocolError(f"truncated frame header: got {got} of {HEADER.size} bytes")
+    return parse_header(header, max_frame)
+
+
+def parse_header(header: Buffer, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[Kind, int]:
+    """Check a complete `HEADER`; return its kind and payload length.
+
+    Raises:
+        ProtocolError: bad magic, version or kind, or a length over ``max_frame``.
+    """
     magic, version, kind_value, length = HEADER.unpack(header)
     if magic != MAGIC:
         raise ProtocolError(f"bad frame magic {bytes(magic)!r}, expected {MAGIC!r}")
@@ -146,11 +166,28 @@ def read_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> tuple
         raise ProtocolError(f"unknown frame kind {kind_value}") from None
     if length > max_frame:
         raise ProtocolError(f"frame of {length} bytes exceeds the {max_frame}-byte limit")
+    return kind, length
+
+
+def read_payload(sock: socket.socket, kind: Kind, length: int) -> memoryview:
+    """Receive the ``length``-byte payload of a frame whose header `read_header` checked."""
     payload = memoryview(bytearray(length))
     got = _recv_exactly(sock, payload)
     if got < length:
         raise ProtocolError(f"truncated {kind.name} frame: got {got} of {length} bytes")
-    return kind, payload
+    return payload
+
+
+def skip_payload(sock: socket.socket, kind: Kind, length: int, chunk: int = 1024 * 1024) -> None:
+    """Read and drop a payload through one small buffer: a frame refused for its size
+    leaves the stream in step without ever being held in memory."""
+    scratch = memoryview(bytearray(min(chunk, length) or 1))
+    left = length
+    while left:
+        n = sock.recv_into(scratch[: min(left, scratch.nbytes)])
+        if n == 0:
+            raise ProtocolError(f"truncated {kind.name} frame: {left} of {length} bytes missing")
+        left -= n
 
 
 def _recv_exactly(sock: socket.socket, view: memoryview) -> int:
