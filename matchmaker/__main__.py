@@ -6,9 +6,9 @@ the request-to-matched latency. Jobs are our own code, so the isolation a fork g
 not needed. The worker runs rq's scheduler, which fires the deadline of requests still
 short of peers.
 
-By default it serves the matching queue first and address probes (``matchmaker.probes``)
-when no match waits; a probe can take up to ``PROBE_TIMEOUT`` seconds, so the Procfile
-also runs a dedicated prober (``--queue probes``) and matching rarely waits behind one.
+Address probes (``matchmaker.probes``) have their own queue and their own worker, the
+Procfile's ``prober`` (``--queue probes``): a probe may wait up to ``PROBE_TIMEOUT``
+seconds on a silent host, and a request to be matched must never wait behind it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "--queue",
         action="append",
         choices=[keys.QUEUE_NAME, keys.PROBE_QUEUE],
-        help="queue to serve, in priority order; repeatable (default: matchmaker, then probes)",
+        help="queue to serve, in priority order; repeatable (default: matchmaker)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     recovery.ensure_registry(registry, queue)
     log.info("requeued %d pending sessions", recovery.requeue_pending(queue))
     log.info("requeued %d address probes", recovery.requeue_probes(registry, probe_queue(conn)))
-    chosen = args.queue or [keys.QUEUE_NAME, keys.PROBE_QUEUE]
+    chosen = args.queue or [keys.QUEUE_NAME]
     queues = [queue if name == keys.QUEUE_NAME else probe_queue(conn) for name in chosen]
     worker = SimpleWorker(queues, connection=conn, serializer=JSONSerializer, name=args.name)
     worker.work(burst=args.burst, with_scheduler=True, logging_level="WARNING")

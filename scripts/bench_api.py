@@ -63,9 +63,7 @@ from matchmaker import keys
 from matchmaker.local_redis import start as start_redis
 from matchmaker.queue import match_queue
 from matchmaker.registry import Registry, runtime_bucket
-from peer import probe, wire
-from peer.errors import PeerError
-from scripts.load import user_body
+from scripts.load import answer_probes, user_body
 from scripts.stack import ROOT, LocalStack, Process, free_port, procfile, wait_http
 
 RUNTIME = {"python": platform.python_version(), "dill": dill.__version__, "platform": sys.platform}
@@ -281,27 +279,6 @@ class Api:
         challenge = self.call("POST", "/v1/challenges").json()["challenge"]
         body = user_body(challenge, email, "bench password", f"127.0.0.1:{port}", key)
         return self.call("POST", "/v1/users", json=body).json()
-
-
-def answer_probes(key: ed25519.Ed25519PrivateKey) -> int:
-    """A stand-in host on a free loopback port that answers the broker's address probes
-    with ``key`` (the peer of the match benchmark is matched only once proven)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            conn, _ = listener.accept()
-            with conn:
-                try:
-                    conn.settimeout(5)
-                    kind, payload = wire.read_frame(conn, max_frame=wire.JSON_LIMIT)
-                    if kind is wire.Kind.PROBE:
-                        probe.answer(conn, payload, key.sign)
-                except (OSError, PeerError):
-                    pass
-
-    threading.Thread(target=serve, daemon=True, name="probe-answers").start()
-    return listener.getsockname()[1]
 
 
 def say(*parts: object) -> None:

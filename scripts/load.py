@@ -28,7 +28,9 @@ settled every request, the audit checks:
   and ``total == jobs``; its entry in the free index matches its free slots;
 - each session's reservation in Redis equals its members, and no reservation is left
   for a session that holds nothing;
-- no matchmaker job failed and no process logged a traceback.
+- every peer offering jobs has a proven address (each client answers the broker's
+  probes), and only proven peers are in the free index;
+- no matchmaker or probe job failed and no process logged a traceback.
 
 Exit status 0 only with no errors and no inconsistencies. Passwords are hashed with
 ``SCRYPT_N=1024`` so that sign-ups do not dominate the run.
@@ -40,6 +42,7 @@ import argparse
 import base64
 import itertools
 import random
+import socket
 import statistics
 import sys
 import threading
@@ -59,8 +62,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from broker_api.models import Member, Session, User, bind_database, db
 from broker_api.settings import Settings
 from matchmaker import keys
-from matchmaker.queue import match_queue
+from matchmaker.queue import match_queue, probe_queue
 from matchmaker.registry import Registry
+from peer import probe, wire
+from peer.errors import PeerError
 from peer.runtime import local_runtime
 from scripts.stack import LocalStack
 
@@ -153,11 +158,36 @@ def user_body(
     }
 
 
+def answer_probes(key: ed25519.Ed25519PrivateKey) -> int:
+    """A stand-in host on a free loopback port that answers the broker's address probes
+    with ``key``, so that an account of a load or benchmark run is proven, and matched,
+    like a real peer; returns the port. The listener lives as long as the process."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                try:
+                    conn.settimeout(5)
+                    kind, payload = wire.read_frame(conn, max_frame=wire.JSON_LIMIT)
+                    if kind is wire.Kind.PROBE:
+                        probe.answer(conn, payload, key.sign)
+                except (OSError, PeerError):
+                    pass
+
+    threading.Thread(target=serve, daemon=True, name="probe-answers").start()
+    return int(listener.getsockname()[1])
+
+
 class Client:
-    """One simulated user: a peer that also requests pools, on one keep-alive session."""
+    """One simulated user: a peer that also requests pools, on one keep-alive session.
+    Its address answers the broker's probes, so it is proven and matched."""
 
     def __init__(self, index: int, base: str, run_id: str, recorder: Recorder, seed: int) -> None:
         self.index = index
+        self.key = ed25519.Ed25519PrivateKey.generate()
+        self.address = f"127.0.0.1:{answer_probes(self.key)}"
         self.base = base
         self.email = f"load-{run_id}-{index}@example.org"
         self.recorder = recorder
@@ -192,7 +222,7 @@ class Client:
         got = self.call("POST", "POST /v1/challenges", "/v1/challenges", 201)
         if got is None:
             return False
-        body = user_body(got.json()["challenge"], self.email, PASSWORD, f"127.0.0.1:{20000 + self.index}")
+        body = user_body(got.json()["challenge"], self.email, PASSWORD, self.address, self.key)
         created = self.call("POST", "POST /v1/users", "/v1/users", 201, json=body)
         if created is None:
             return False
@@ -314,7 +344,7 @@ def latency_table(samples: Iterable[Sample]) -> list[str]:
 def wait_until_settled(settings: Settings, conn: redis.Redis, timeout: float = SETTLE_TIMEOUT) -> list[str]:
     """Wait until no session is pending and the matchmaker has no job queued, running or
     scheduled, twice in a row; returns a problem if that does not happen in time."""
-    queue = match_queue(conn)
+    queue, probes = match_queue(conn), probe_queue(conn)
     deadline = time.monotonic() + timeout
     quiet = 0
     state: dict[str, int] = {}
@@ -326,6 +356,7 @@ def wait_until_settled(settings: Settings, conn: redis.Redis, timeout: float = S
             "queued jobs": queue.count,
             "running jobs": queue.started_job_registry.count,
             "scheduled jobs": queue.scheduled_job_registry.count,
+            "queued or running probes": probes.count + probes.started_job_registry.count,
         }
         quiet = quiet + 1 if not any(state.values()) else 0
         if quiet >= 2:
@@ -366,6 +397,7 @@ def audit(
         holding[m.session_id][m.user_id] = m.slots
         held_by[m.user_id] += m.slots
 
+    proven = 0
     for user_id, user in users.items():
         info = registry.peer(user_id)
         if info is None:
@@ -381,10 +413,14 @@ def audit(
             problems.append(f"{where}: holds more slots than it offers")
         if info.total != user.jobs:
             problems.append(f"{where}: registry total differs from the account's jobs")
+        if info.proven:
+            proven += 1
+        elif user.jobs:
+            problems.append(f"{where}: address not proven ({info.proof.state}: {info.proof.detail})")
         bucket = conn.hget(keys.peer(user_id), "bucket")
         if bucket is not None:
             score = conn.zscore(keys.free(bucket.decode()), user_id)
-            free = info.total - info.held
+            free = info.total - info.held if info.proven else 0  # only proven peers are matchable
             if (score or 0) != (free if free > 0 else 0):
                 problems.append(f"{where}: free index says {score}, expected {free if free > 0 else None}")
 
@@ -407,7 +443,8 @@ def audit(
     summary["member rows"] = len(members)
     summary["slots held"] = sum(held_by.values())
     summary["peers checked"] = len(users)
-    failed = match_queue(conn).failed_job_registry.count
+    summary["addresses proven"] = proven
+    failed = match_queue(conn).failed_job_registry.count + probe_queue(conn).failed_job_registry.count
     if failed:
         problems.append(f"{failed} matchmaker jobs failed")
     for log in logs:

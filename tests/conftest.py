@@ -147,6 +147,20 @@ def client(app: Any) -> ResponseChecker:
 
 
 @pytest.fixture
+def run_probes(conn: redis.Redis, app: Any) -> Callable[[], None]:
+    """Run only the address probes' queue to empty in this process (a prober's work)."""
+
+    def run() -> None:
+        queue = probe_queue(conn)
+        SimpleWorker([queue], connection=conn, serializer=JSONSerializer).work(
+            burst=True, logging_level="WARNING"
+        )
+        assert queue.failed_job_registry.count == 0
+
+    return run
+
+
+@pytest.fixture
 def run_matchmaker(conn: redis.Redis, app: Any) -> Callable[..., None]:
     """Run the address probes, then the matchmaker queue, to empty in this process (rq's
     SimpleWorker, burst); fails the test if any job failed. Probes first: peers that

@@ -22,12 +22,13 @@ from tests.helpers import RUNTIME, auth, offer, signup, user_body
 
 
 @pytest.mark.slow
-def test_matchmaker_killed_while_matching(client, conn, env, tmp_path):
+def test_matchmaker_killed_while_matching(client, conn, env, tmp_path, run_probes):
     """SIGKILL the only matchmaker in the middle of a burst of requests: after a
     restart every pending session is matched exactly once and no slot is given twice."""
     peers = [signup(client) for _ in range(40)]
     for p in peers:
         offer(client, p["token"], 1)
+    run_probes()  # the peers' addresses proven, as a prober does
     requester = signup(client)
     sessions = [
         client.post("/v1/sessions", json={"workers": 1, "timeout": 60, "runtime": RUNTIME},
@@ -107,6 +108,7 @@ def test_two_node_broker(env, tmp_path, conn):
     ports = [free_port(), free_port()]
     nodes = [_web(shared, tmp_path, port) for port in ports]
     matchmakers = [Process("matchmaker", shared, tmp_path) for _ in range(2)]
+    matchmakers.append(Process("prober", shared, tmp_path))
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
         http = requests.Session()

@@ -21,6 +21,7 @@ def stack(env, tmp_path):
     env = {**env, "PORT": str(port), "WEB_CONCURRENCY": "2", "WEB_THREADS": "8"}
     web = Process("web", env, tmp_path)
     matchmaker = Process("matchmaker", env, tmp_path)
+    prober = Process("prober", env, tmp_path)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/v1/health", proc=web)
@@ -28,6 +29,7 @@ def stack(env, tmp_path):
     finally:
         web.stop()
         matchmaker.stop()
+        prober.stop()
 
 
 def test_newcomer_walkthrough_over_http(stack):

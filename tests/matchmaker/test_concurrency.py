@@ -26,6 +26,7 @@ def test_many_matchmakers_never_give_a_slot_twice(client, conn, env, tmp_path):
         offer(client, p["token"], SLOTS)
     requesters = [signup(client) for _ in range(10)]
     workers = [Process("matchmaker", env, tmp_path) for _ in range(MATCHMAKERS)]
+    workers.append(Process("prober", env, tmp_path))
     try:
         time.sleep(1.0)  # let them start (requests arriving earlier simply queue)
 
