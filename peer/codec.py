@@ -6,40 +6,38 @@ out-of-band buffers, because dill's pure-Python pickler is ~50x slower on plain 
 and protocol 5 lets large arrays go out without copies; dill is the fallback for the
 few objects the C pickler refuses, and a 1-byte flag says which one encoded a value.
 
-Results from a peer are decoded by default with an allow-list unpickler that can only
-build data (builtins, a few stdlib value types, numpy arrays), so a malicious peer
-cannot run code on the requester. ``trusted=True`` opts in to full pickle and dill.
+Results from a peer are never unpickled by default: the sandbox encodes them as typed
+data (`peer.datacodec`), which cannot express code, and only a requester that trusts
+its peers (``trusted=True``) unpickles a result that could not travel as data.
 """
 
 from __future__ import annotations
 
-import collections
-import copyreg
-import datetime
-import decimal
-import fractions
 import hashlib
 import io
 import os
 import pickle
-import re
 import sys
 import sysconfig
 import threading
 import traceback
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import dill
 import dill._dill
 
+from peer import datacodec
 from peer.errors import ProtocolError, UnsafeResultError
 
 Buffer = bytes | bytearray | memoryview
 
 PICKLE = b"\x00"
 DILL = b"\x01"
+#: A result as typed data (`peer.datacodec`), and a result that had to be pickled.
+DATA = b"\x02"
+CODE = b"\x03"
+_NAME_LIMIT = 200
 _MESSAGE_LIMIT = 8 * 1024
 _TRACEBACK_LIMIT = 32 * 1024
 
@@ -165,237 +163,61 @@ def dumps_data(obj: Any) -> list[Buffer]:
     return [flag, stream, *(buf.raw() for buf in oob)]
 
 
+def dumps_result(obj: Any) -> list[Buffer]:
+    """Encode a task's result: as data when it can be, else pickled and labelled.
+
+    Runs in the sandbox child. ``[DATA, frame, *out_of_band]`` (`peer.datacodec`) is
+    what every requester can decode; a value holding something else (a function, an
+    instance of a class that is not a dataclass, ...) goes as
+    ``[CODE, type name, *dumps_data(obj)]``, which only a requester that trusts its
+    peers (``trust_results=True``) unpickles; the others refuse it naming the type.
+    """
+    try:
+        return [DATA, *datacodec.dumps(obj)]
+    except datacodec.Unrepresentable as exc:
+        return [CODE, exc.type_name.encode()[:_NAME_LIMIT], *dumps_data(obj)]
+
+
 def loads_data(buffers: Sequence[Buffer], *, trusted: bool) -> Any:
-    """Decode what `dumps_data` produced.
+    """Decode what `dumps_data` or `dumps_result` produced.
 
     Args:
-        buffers: The flag, the pickle stream and the out-of-band buffers; numpy
-            arrays are built on top of the out-of-band buffers without copying.
-        trusted: False for results from a peer: only allow-listed data types may
-            be built and dill-encoded values are refused. True inside the sandbox
-            (the requester's own arguments) or for peers the requester trusts.
+        buffers: The flag, then the stream (or frame) and the out-of-band buffers;
+            numpy arrays are built on top of the out-of-band buffers without copying.
+        trusted: False for results from a peer: only `peer.datacodec` data is
+            decoded, and nothing is ever unpickled. True inside the sandbox (the
+            requester's own arguments) or for peers the requester trusts.
 
     Raises:
-        UnsafeResultError: untrusted data needed a global outside the allow-list
-            or was encoded with dill.
+        UnsafeResultError: untrusted buffers hold a pickle (a result that could not
+            travel as data), named by its type.
+        DataError: a data result is malformed or breaks one of the decoder's bounds.
         ProtocolError: the buffers are not a valid encoding.
     """
     if len(buffers) < 2:
         raise ProtocolError(f"encoded value needs at least 2 buffers, got {len(buffers)}")
-    flag, stream, oob = bytes(buffers[0]), buffers[1], buffers[2:]
-    if flag == DILL:
+    flag = bytes(buffers[0])
+    if flag == DATA:
+        return datacodec.loads(buffers[1:], trusted=trusted)
+    if flag == CODE:
+        name = bytes(buffers[1][:_NAME_LIMIT]).decode("utf-8", "replace")
         if not trusted:
             raise UnsafeResultError(
-                "value was encoded with dill, which can run code; "
-                "decode it only from a trusted peer (trusted=True)"
+                f"the result holds a {name}, which cannot travel as data and would have to be "
+                "unpickled (which can run code); pass trust_results=True to Pool to accept "
+                "pickled results from peers you trust"
             )
-        return dill.loads(stream, buffers=oob)
-    if flag != PICKLE:
+        if len(buffers) < 4 or bytes(buffers[2]) not in (PICKLE, DILL):
+            raise ProtocolError("a pickled result needs its type name, a pickle flag and a stream")
+        return loads_data(buffers[2:], trusted=True)
+    if flag not in (PICKLE, DILL):
         raise ProtocolError(f"unknown encoding flag {flag!r}")
-    if trusted:
-        return pickle.loads(stream, buffers=oob)
-    # A class can only be reached through its name in the stream (GLOBAL or
-    # STACK_GLOBAL): without one of those names there is nothing to check.
-    before = _class_state() if _MUTABLE_NAMES.search(stream) else {}  # no copy of the stream
-    try:
-        return _DataUnpickler(io.BytesIO(stream), buffers=oob).load()
-    except UnsafeResultError:
-        raise
-    except Exception as exc:
-        raise ProtocolError(f"malformed result pickle: {exc!r}") from exc
-    finally:
-        _restore_classes(before)
-
-
-def _class_state() -> dict[type, dict[str, Any]]:
-    """The attributes of the allow-listed classes written in Python (C types cannot be
-    changed). A pickle's BUILD can set attributes on a *class* it names, so an
-    untrusted load is followed by a check that none changed."""
-    return {cls: dict(vars(cls)) for cls in _MUTABLE_SAFE_TYPES}
-
-
-def _restore_classes(before: dict[type, dict[str, Any]]) -> None:
-    tampered = []
-    for cls, attrs in before.items():
-        now = vars(cls)
-        if len(now) == len(attrs) and all(now.get(k, attrs) is v for k, v in attrs.items()):
-            continue
-        tampered.append(cls.__name__)
-        for key in set(now) - set(attrs):
-            delattr(cls, key)
-        for key, value in attrs.items():
-            if now.get(key, attrs) is not value:
-                setattr(cls, key, value)
-    if tampered:
-        raise UnsafeResultError(f"an untrusted result tried to change the classes {', '.join(tampered)}")
-
-
-_SAFE_TYPES: frozenset[type] = frozenset(
-    {
-        int,
-        float,
-        complex,
-        str,
-        bytes,
-        bytearray,
-        list,
-        tuple,
-        dict,
-        set,
-        frozenset,
-        bool,
-        slice,
-        range,
-        collections.OrderedDict,
-        collections.defaultdict,
-        collections.deque,
-        collections.Counter,
-        datetime.date,
-        datetime.datetime,
-        datetime.time,
-        datetime.timedelta,
-        datetime.timezone,
-        decimal.Decimal,
-        fractions.Fraction,
-        uuid.UUID,
-        uuid.SafeUUID,
-    }
-)
-
-_MUTABLE_SAFE_TYPES = tuple(
-    cls
-    for cls in _SAFE_TYPES
-    if not cls.__flags__ & (1 << 8)  # Py_TPFLAGS_IMMUTABLETYPE
-)
-
-_MUTABLE_NAMES = re.compile(b"|".join(re.escape(cls.__name__.encode()) for cls in _MUTABLE_SAFE_TYPES))
-
-_NUMPY_GLOBALS = {
-    ("numpy", "dtype"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-}
-_NUMPY_RECONSTRUCT = {("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")}
-
-
-class _NdarrayToken:
-    """What ``numpy.ndarray`` resolves to in an untrusted result.
-
-    numpy pickles arrays as ``_reconstruct(ndarray, shape, dtype)`` and needs the class
-    only as that first argument. Calling ``ndarray(shape, dtype, buffer)`` directly
-    would let a peer build an object array whose pointers are bytes it chose (memory
-    corruption on the requester), so the class itself is never handed out.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise UnsafeResultError("refusing to call numpy.ndarray directly in an untrusted result")
-
-
-_NDARRAY = _NdarrayToken()
-
-
-def _safe_numpy_reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
-    """Stand in for numpy's ``_reconstruct``: plain ndarrays of non-object dtypes only
-    (their contents then come through ``__setstate__``, which numpy checks)."""
-    import numpy
-
-    if subtype is not _NDARRAY:
-        raise UnsafeResultError("refusing numpy _reconstruct of anything but numpy.ndarray")
-    if numpy.dtype(dtype).hasobject:
-        raise UnsafeResultError("refusing a numpy array of Python objects in an untrusted result")
-    return numpy._core.multiarray._reconstruct(numpy.ndarray, shape, dtype)
-
-
-def _type_of_singleton(*args: Any) -> type:
-    """Stand in for ``builtins.type``, which pickle uses only to rebuild NoneType.
-
-    The real ``type`` would also accept three arguments and create a class.
-    """
-    if len(args) == 1 and args[0] in (None, NotImplemented, Ellipsis):
-        return type(args[0])
-    raise UnsafeResultError("refusing builtins.type except for type(None)")
-
-
-#: Sizes a constructor called by an untrusted pickle may be asked for: ``bytes(2**35)``
-#: or ``list(range(10**12))`` are a few bytes on the wire and all the memory here.
-_MAX_CONSTRUCTED = 1 << 26
-#: Built from REDUCE (a call) in ordinary pickles; handed out only behind `_Guarded`.
-_CALLED_TYPES = frozenset(
-    {bytes, bytearray, list, tuple, set, frozenset, dict, str, range, complex, slice,
-     collections.deque, collections.Counter, collections.OrderedDict, collections.defaultdict}
-)  # fmt: skip
-
-
-def _too_big(value: Any) -> bool:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return abs(value) > _MAX_CONSTRUCTED
-    if isinstance(value, range):
-        return len(value) > _MAX_CONSTRUCTED
-    return False
-
-
-class _Guarded:
-    """A constructor as an untrusted pickle may call it: arguments that would build
-    something huge out of a few bytes (a count, a range) are refused."""
-
-    def __init__(self, wrapped: type) -> None:
-        self.wrapped = wrapped
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if any(_too_big(a) for a in (*args, *kwargs.values())):
-            raise UnsafeResultError(
-                f"refusing {self.wrapped.__name__}() of a huge size in an untrusted result"
-            )
-        return self.wrapped(*args, **kwargs)
-
-
-_GUARDED = {cls: _Guarded(cls) for cls in _CALLED_TYPES}
-
-
-def _safe_reconstructor(cls: type, base: type, state: Any) -> Any:
-    """Stand in for ``copyreg._reconstructor``, limited to allow-listed types."""
-    cls = getattr(cls, "wrapped", cls)
-    base = getattr(base, "wrapped", base)
-    if cls not in _SAFE_TYPES or (base is not object and base not in _SAFE_TYPES):
-        raise UnsafeResultError(f"refusing copyreg._reconstructor for {cls!r}")
-    return copyreg._reconstructor(cls, base, state)  # type: ignore[attr-defined]
-
-
-class _DataUnpickler(pickle.Unpickler):
-    """An unpickler that can only build data: every global goes through an allow-list."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("builtins", "type"):
-            return _type_of_singleton
-        if (module, name) == ("copyreg", "_reconstructor"):
-            return _safe_reconstructor
-        if (module, name) == ("numpy", "ndarray"):
-            return _NDARRAY
-        if (module, name) in _NUMPY_RECONSTRUCT:
-            return _safe_numpy_reconstruct
-        if (module, name) in _NUMPY_GLOBALS:
-            return super().find_class(module, name)
-        if module == "numpy.dtypes" and name.endswith("DType"):
-            found = self._lookup(module, name)
-            if isinstance(found, type):
-                return found
-        if module in {"builtins", "collections", "datetime", "decimal", "fractions", "uuid"}:
-            found = self._lookup(module, name)
-            if isinstance(found, type) and found in _SAFE_TYPES:
-                return _GUARDED.get(found, found)
-        raise UnsafeResultError(
-            f"refusing to load global {module}.{name}: results from untrusted peers "
-            "may contain only data; pass trusted=True for peers you trust"
-        )
-
-    def _lookup(self, module: str, name: str) -> Any:
-        """Resolve a name in an allow-listed module; unknown names resolve to None."""
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return None
+    if not trusted:
+        raise UnsafeResultError("untrusted values are decoded as data (peer.datacodec), never unpickled")
+    stream, oob = buffers[1], buffers[2:]
+    if flag == DILL:
+        return dill.loads(stream, buffers=oob)
+    return pickle.loads(stream, buffers=oob)
 
 
 def format_exception(exc: BaseException) -> dict[str, str]:

@@ -235,7 +235,7 @@ def _run_task(
             error = fn.error
         else:
             args, kwargs = codec.loads_data(data, trusted=True)
-            out = codec.dumps_data(fn(*args, **kwargs))
+            out = codec.dumps_result(fn(*args, **kwargs))
             meta = META.pack(time.process_time(), forks.seen or doubtful)
             wire.write_frame(sock, Kind.RESULT, wire.pack_buffers([meta, *out]))
             return

@@ -161,7 +161,11 @@ def dumps(obj: Any) -> list[Buffer]:
         frame = encoder.packer.pack(obj)
     except Unrepresentable:
         raise
-    except (ValueError, RecursionError) as exc:  # msgpack: "recursion limit exceeded", sizes over 4 GiB
+    except (
+        ValueError,
+        RecursionError,
+        OverflowError,
+    ) as exc:  # msgpack: "recursion limit exceeded", sizes over 4 GiB
         why = "nested too deeply" if isinstance(exc, RecursionError) or "recursion" in str(exc) else str(exc)
         raise Unrepresentable(type_name(type(obj)), why) from None
     return [frame, *encoder.oob]

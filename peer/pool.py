@@ -11,7 +11,8 @@ worker (`peer.channel`) and keeps several tasks in flight per slot.
 - Functions travel once per connection (dill, by content id); arguments and results
   use the C pickler with protocol-5 out-of-band buffers (`peer.codec`).
 - ``map`` sends chunks of items as single tasks (`peer.tasks.Chunk`).
-- Results are decoded with the data-only unpickler unless ``trust_results=True``.
+- Results arrive as typed data (`peer.datacodec`), never unpickled, unless
+  ``trust_results=True``: then a result that could not travel as data is unpickled.
 - When a worker's connection drops, only its unfinished tasks run again on the
   others, at most ``max_tries`` times each; ``pool.rerun`` counts them.
 """
@@ -108,7 +109,8 @@ class Pool(Executor):
             the account in ``home`` made by ``python -m peer init``.
         min_workers: Accept a partial pool of at least this many at ``timeout``.
         timeout: Seconds the broker may take to find workers.
-        trust_results: Decode results with full dill (only for peers you trust).
+        trust_results: Unpickle (with dill) results that cannot travel as data, and
+            rebuild library classes, not only your own (only for peers you trust).
         home: Directory with this requester's key pair (see `peer.config`).
         max_tries: Times a task may be sent before a lost worker fails it.
         window: Tasks kept in flight per slot.

@@ -36,9 +36,15 @@ def through_code(fn: Any) -> Any:
 
 
 def through_data(obj: Any, *, trusted: bool = False) -> Any:
-    """Encode, flatten into one received buffer as the wire does, and decode."""
-    payload = bytearray(b"".join(bytes(p) for p in wire.pack_buffers(codec.dumps_data(obj))))
+    """Encode as a result, flatten into one received buffer as the wire does, decode."""
+    payload = bytearray(b"".join(bytes(p) for p in wire.pack_buffers(codec.dumps_result(obj))))
     return codec.loads_data(wire.unpack_buffers(payload), trusted=trusted)
+
+
+def through_args(obj: Any) -> Any:
+    """Encode as the requester's arguments (pickle) and decode as the sandbox does."""
+    payload = bytearray(b"".join(bytes(p) for p in wire.pack_buffers(codec.dumps_data(obj))))
+    return codec.loads_data(wire.unpack_buffers(payload), trusted=True)
 
 
 def test_lambda_round_trips() -> None:
@@ -88,12 +94,6 @@ PLAIN_DATA = [
     bytearray(b"ba"),
     [1, [2, (3,)]],
     {"a": {1, 2}, "b": frozenset({3})},
-    range(1, 10, 2),
-    slice(1, None, 2),
-    type(None),
-    collections.OrderedDict(b=1, a=2),
-    collections.deque([1, 2], maxlen=5),
-    collections.Counter("abca"),
     datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone(datetime.timedelta(hours=2))),
     datetime.date(2024, 5, 1),
     datetime.time(1, 2, 3),
@@ -103,6 +103,18 @@ PLAIN_DATA = [
     uuid.UUID("12345678-1234-5678-1234-567812345678"),
     np.float64(2.5),
     np.int8(-3),
+]
+
+#: Values the old allow-list unpickler built that are not in the SPEC's data list: they
+#: now travel pickled, for requesters that trust their peers only.
+NOT_DATA = [
+    range(1, 10, 2),
+    slice(1, None, 2),
+    type(None),
+    collections.OrderedDict(b=1, a=2),
+    collections.deque([1, 2], maxlen=5),
+    collections.Counter("abca"),
+    collections.defaultdict(list, {"a": [1]}),
     np.dtype("complex64"),
     np.dtype([("x", "<f4"), ("y", "<i8", (2,))]),
 ]
@@ -110,15 +122,32 @@ PLAIN_DATA = [
 
 @pytest.mark.parametrize("value", PLAIN_DATA, ids=lambda v: type(v).__name__)
 def test_plain_data_round_trips_through_the_untrusted_decoder(value: Any) -> None:
+    assert codec.dumps_result(value)[0] == codec.DATA
     got = through_data(value)
     assert got == value
     assert type(got) is type(value)
 
 
-def test_defaultdict_keeps_its_factory() -> None:
-    got = through_data(collections.defaultdict(list, {"a": [1]}))
+@pytest.mark.parametrize("value", NOT_DATA, ids=lambda v: type(v).__name__)
+def test_other_values_need_trust_and_the_refusal_names_their_type(value: Any) -> None:
+    buffers = codec.dumps_result(value)
+    assert buffers[0] == codec.CODE
+    with pytest.raises(UnsafeResultError, match="trust_results=True") as caught:
+        through_data(value)
+    assert type(value).__name__ in str(caught.value)
+    got = through_data(value, trusted=True)
+    assert got == value and type(got) is type(value)
+
+
+def test_defaultdict_keeps_its_factory_when_trusted() -> None:
+    got = through_data(collections.defaultdict(list, {"a": [1]}), trusted=True)
     assert got == {"a": [1]}
     assert got["new"] == []
+
+
+def test_arguments_still_travel_pickled_with_everything() -> None:
+    for value in PLAIN_DATA + NOT_DATA:
+        assert through_args(value) == value
 
 
 @pytest.mark.parametrize(
@@ -143,8 +172,8 @@ def test_numpy_arrays_round_trip(array: np.ndarray) -> None:
 
 def test_numpy_buffers_are_out_of_band_and_zero_copy_on_both_sides() -> None:
     array = np.arange(1 << 16, dtype=np.float64)
-    flag, stream, *oob = codec.dumps_data(array)
-    assert flag == codec.PICKLE
+    flag, stream, *oob = codec.dumps_result(array)
+    assert flag == codec.DATA
     assert len(stream) < 200  # the data is not in the pickle stream
     assert len(oob) == 1
     assert np.shares_memory(np.frombuffer(oob[0], dtype=np.float64), array)  # sender: no copy
@@ -168,8 +197,12 @@ def test_objects_the_c_pickler_refuses_fall_back_to_dill() -> None:
     value = {"f": lambda x: x + 1}
     buffers = codec.dumps_data(value)
     assert buffers[0] == codec.DILL
+    assert through_args(value)["f"](1) == 2
+    with pytest.raises(UnsafeResultError, match="never unpickled"):
+        codec.loads_data(buffers, trusted=False)
+    assert codec.dumps_result(value)[:3] == [codec.CODE, b"function", codec.DILL]
     assert through_data(value, trusted=True)["f"](1) == 2
-    with pytest.raises(UnsafeResultError, match="dill"):
+    with pytest.raises(UnsafeResultError, match="holds a function"):
         through_data(value)
 
 
@@ -220,23 +253,23 @@ def hostile_payloads(target: Path) -> dict[str, Any]:
 @pytest.mark.parametrize("name", list(hostile_payloads(Path("/x"))))
 def test_untrusted_decoder_refuses_code(tmp_path: Path, name: str) -> None:
     target = tmp_path / "pwned"
-    buffers = codec.dumps_data(hostile_payloads(target)[name])
-    assert buffers[0] == codec.PICKLE
-    with pytest.raises(UnsafeResultError, match="refusing"):
-        codec.loads_data(buffers, trusted=False)
+    payload = hostile_payloads(target)[name]
+    for buffers in (codec.dumps_result(payload), codec.dumps_data(payload)):
+        with pytest.raises(UnsafeResultError):
+            codec.loads_data(buffers, trusted=False)
     assert not target.exists()
 
 
-def test_refusal_names_the_global(tmp_path: Path) -> None:
-    buffers = codec.dumps_data(Reducer(os.system, "true"))
-    with pytest.raises(UnsafeResultError, match=r"posix\.system"):
+def test_refusal_names_the_type() -> None:
+    buffers = codec.dumps_result([1, Reducer(os.system, "true")])
+    with pytest.raises(UnsafeResultError, match=r"test_codec\.Reducer"):
         codec.loads_data(buffers, trusted=False)
 
 
 def test_hostile_payload_really_runs_when_trusted(tmp_path: Path) -> None:
     """Control: the payloads above are effective, so the refusals are meaningful."""
     target = tmp_path / "pwned"
-    codec.loads_data(codec.dumps_data(hostile_payloads(target)["builtins.eval"]), trusted=True)
+    codec.loads_data(codec.dumps_result(hostile_payloads(target)["builtins.eval"]), trusted=True)
     assert target.exists()
 
 
@@ -253,46 +286,84 @@ class DictSubclass(dict):  # type: ignore[type-arg]
     """Pickled at protocol 0 through ``copyreg._reconstructor``."""
 
 
-def test_namedtuple_is_not_allowed() -> None:
-    with pytest.raises(UnsafeResultError, match="Point"):
-        codec.loads_data([codec.PICKLE, pickle.dumps(Point(1, 2), protocol=5)], trusted=False)
+def test_namedtuple_of_the_requester_travels_as_data() -> None:
+    assert codec.dumps_result(Point(1, 2))[0] == codec.DATA
+    got = through_data(Point(1, 2))
+    assert got == Point(1, 2) and type(got) is Point
 
 
-def test_copyreg_reconstructor_is_limited_to_allowed_types() -> None:
-    allowed = Reducer(copyreg._reconstructor, collections.OrderedDict, dict, {"a": 1})
-    got = codec.loads_data(codec.dumps_data(allowed), trusted=False)
-    assert got == {"a": 1}
-    assert type(got) is collections.OrderedDict
-    refused = Reducer(copyreg._reconstructor, DictSubclass, dict, {"a": 1})
-    # Written with the plain C pickler, as a hostile peer would (our encoder sends a
-    # class from a test module by value, with dill, which is refused anyway).
-    with pytest.raises(UnsafeResultError, match="DictSubclass"):
-        codec.loads_data([codec.PICKLE, pickle.dumps(refused, protocol=5)], trusted=False)
-    with pytest.raises(UnsafeResultError, match="dill"):
-        codec.loads_data(codec.dumps_data(refused), trusted=False)
+class _RawNdarray:
+    """``numpy.ndarray((1,), object, buffer)``: an object array whose pointers are bytes
+    the sender chose; reading it would dereference them (memory corruption)."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((1,), np.dtype("O"), bytearray(b"AAAAAAAA")))
 
 
-def test_protocol_0_names_are_refused() -> None:
-    """Our encoder writes protocol 5 only; Python 2 era names have no business here."""
-    stream = pickle.dumps(DictSubclass(a=1), protocol=0)
-    with pytest.raises(UnsafeResultError, match="copy_reg"):
-        codec.loads_data([codec.PICKLE, stream], trusted=False)
+class _ObjectReconstruct:
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (1,), np.dtype("O")))
+
+
+class _HugeBytes:
+    def __reduce__(self):
+        return (bytes, (2**35,))
+
+
+class _HugeList:
+    def __reduce__(self):
+        return (list, (range(10**12),))
+
+
+#: The pickles the old allow-list unpickler had to special-case, and the ones that
+#: walked around it: an untrusted requester now refuses every pickle before reading it.
+OLD_ATTACKS = {
+    "copyreg reconstructor": pickle.dumps(Reducer(copyreg._reconstructor, DictSubclass, dict, {"a": 1}), 5),
+    "protocol 0 names": pickle.dumps(DictSubclass(a=1), protocol=0),
+    "ndarray call": pickle.dumps(_RawNdarray(), protocol=5),
+    "object dtype": pickle.dumps(_ObjectReconstruct(), protocol=5),
+    "huge bytes": pickle.dumps(_HugeBytes(), protocol=5),
+    "huge list": pickle.dumps(_HugeList(), protocol=5),
+    # GLOBAL fractions Fraction; (None, {"__hash__": None}); BUILD; STOP
+    "class rewrite": b"\x80\x05cfractions\nFraction\nN}X\x08\x00\x00\x00__hash__Ns\x86b.",
+}
+
+
+@pytest.mark.parametrize("name", list(OLD_ATTACKS))
+@pytest.mark.parametrize("flag", [codec.PICKLE, codec.DILL])
+def test_no_pickle_is_read_from_an_untrusted_peer(name: str, flag: bytes) -> None:
+    original = fractions.Fraction.__dict__["__hash__"]
+    for buffers in ([flag, OLD_ATTACKS[name]], [codec.CODE, b"dict", flag, OLD_ATTACKS[name]]):
+        with pytest.raises(UnsafeResultError):
+            codec.loads_data(buffers, trusted=False)
+    assert fractions.Fraction.__dict__["__hash__"] is original
+    assert hash(fractions.Fraction(1, 3)) == hash(fractions.Fraction(2, 6))
 
 
 @pytest.mark.parametrize(
     "buffers",
-    [[], [codec.PICKLE], [b"\x07", b"x"], [codec.PICKLE, b"not a pickle"], [codec.PICKLE, b"\x80\x05"]],
+    [
+        [],
+        [codec.PICKLE],
+        [b"\x07", b"x"],
+        [codec.DATA, b"\xc1"],
+        [codec.DATA, b"\x92\x01"],
+        [codec.CODE, b"x", b"\x07", b"y"],
+        [codec.CODE, b"x"],
+    ],
 )
 def test_malformed_encodings_raise_protocol_error(buffers: list[bytes]) -> None:
     with pytest.raises(ProtocolError):
-        codec.loads_data(buffers, trusted=False)
+        codec.loads_data(buffers, trusted=True)
 
 
 @given(st.binary(max_size=300))
 def test_untrusted_decoder_on_random_bytes_fails_cleanly(stream: bytes) -> None:
     try:
-        codec.loads_data([codec.PICKLE, b"\x80\x05" + stream], trusted=False)
-    except (ProtocolError, UnsafeResultError):
+        codec.loads_data([codec.DATA, stream], trusted=False)
+    except ProtocolError:
         pass
 
 
@@ -314,30 +385,6 @@ def test_format_exception_names_non_builtin_types_and_clips() -> None:
     assert len(wire.encode_json(info)) < wire.JSON_LIMIT
 
 
-class _RawNdarray:
-    """``numpy.ndarray((1,), object, buffer)``: an object array whose pointers are bytes
-    the sender chose; reading it would dereference them (memory corruption)."""
-
-    def __reduce__(self):
-        return (np.ndarray, ((1,), np.dtype("O"), bytearray(b"AAAAAAAA")))
-
-
-class _ObjectReconstruct:
-    def __reduce__(self):
-        from numpy._core.multiarray import _reconstruct
-
-        return (_reconstruct, (np.ndarray, (1,), np.dtype("O")))
-
-
-@pytest.mark.parametrize(
-    "hostile", [_RawNdarray(), _ObjectReconstruct()], ids=["ndarray-call", "object-dtype"]
-)
-def test_numpy_constructors_cannot_build_object_arrays_from_untrusted_bytes(hostile) -> None:
-    stream = pickle.dumps(hostile, protocol=5)
-    with pytest.raises(UnsafeResultError):
-        codec.loads_data([codec.PICKLE, stream], trusted=False)
-
-
 @pytest.mark.parametrize(
     "arr",
     [
@@ -346,38 +393,10 @@ def test_numpy_constructors_cannot_build_object_arrays_from_untrusted_bytes(host
         np.asfortranarray(np.arange(6).reshape(2, 3)),
         np.array(["a", "bb"]),
         np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),
+        np.arange(1 << 14),
     ],
 )
-def test_ordinary_arrays_still_decode_in_band_and_out_of_band(arr) -> None:
-    for buffers in (codec.dumps_data(arr), [codec.PICKLE, pickle.dumps(arr, protocol=4)]):
-        out = codec.loads_data(buffers, trusted=False)
+def test_ordinary_arrays_decode_in_band_and_out_of_band(arr) -> None:
+    for buffers, trusted in ((codec.dumps_result(arr), False), (codec.dumps_data(arr), True)):
+        out = codec.loads_data(buffers, trusted=trusted)
         assert out.dtype == arr.dtype and np.array_equal(out, arr)
-
-
-class _HugeBytes:
-    def __reduce__(self):
-        return (bytes, (2**35,))
-
-
-class _HugeList:
-    def __reduce__(self):
-        return (list, (range(10**12),))
-
-
-@pytest.mark.parametrize("bomb", [_HugeBytes(), _HugeList()], ids=["bytes", "list-range"])
-def test_tiny_pickles_cannot_build_huge_values(bomb) -> None:
-    with pytest.raises(UnsafeResultError, match="huge"):
-        codec.loads_data([codec.PICKLE, pickle.dumps(bomb, protocol=5)], trusted=False)
-
-
-def test_a_result_cannot_change_an_allowed_class() -> None:
-    """BUILD with slot state does setattr on whatever is on the stack, a class too."""
-    import fractions
-
-    original = fractions.Fraction.__dict__["__hash__"]
-    # GLOBAL fractions Fraction; (None, {"__hash__": None}); BUILD; STOP
-    stream = b"\x80\x05cfractions\nFraction\nN}X\x08\x00\x00\x00__hash__Ns\x86b."
-    with pytest.raises(UnsafeResultError, match="Fraction"):
-        codec.loads_data([codec.PICKLE, stream], trusted=False)
-    assert fractions.Fraction.__dict__["__hash__"] is original
-    assert hash(fractions.Fraction(1, 3)) == hash(fractions.Fraction(2, 6))

@@ -202,10 +202,12 @@ def lone_pool(stack, requester, peers):
 
 def test_malicious_result_does_not_run_code_on_the_requester(stack, lone_pool, tmp_path):
     path, evil = tripwire(tmp_path)
-    fake = FakePeer(stack, tmp_path, [codec.PICKLE, evil])
+    # A pickle labelled as a result that could not travel as data (what the sandbox
+    # sends for such results): only a requester that trusts its peers unpickles it.
+    fake = FakePeer(stack, tmp_path, [codec.CODE, b"CreatesFile", codec.PICKLE, evil])
     try:
         pool = lone_pool()
-        with pytest.raises(UnsafeResultError):
+        with pytest.raises(UnsafeResultError, match=r"CreatesFile.*trust_results=True"):
             pool.submit(abs, -1).result(30)
         assert not path.exists()
         pool.shutdown()
@@ -220,7 +222,7 @@ def test_malicious_result_does_not_run_code_on_the_requester(stack, lone_pool, t
 
 def test_peer_showing_a_certificate_not_matching_its_registered_key_is_refused(stack, lone_pool, tmp_path):
     impostor = Identity.create(tmp_path / "impostor")
-    fake = FakePeer(stack, tmp_path, [codec.PICKLE, pickle.dumps(1)], shown=impostor)
+    fake = FakePeer(stack, tmp_path, codec.dumps_result(1), shown=impostor)
     try:
         pool = lone_pool()
         from peer.pool import NoWorkersError
