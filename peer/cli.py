@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from peer.api import BrokerClient, BrokerError
 from peer.config import Account, default_broker, default_home
+from peer.confine import LAYERS
 from peer.daemon import PeerDaemon
 from peer.errors import PeerError
 from peer.identity import Identity
@@ -136,6 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     daemon.start()
+    _write_sandbox_state(home, daemon.missing_layers)
     print(f"peer {account.email}: serving {args.jobs} slot(s) at {daemon.address}", flush=True)
     try:
         while not stopping:
@@ -158,7 +161,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"sessions  {len(sessions)}")
     for s in sessions:
         print(f"  {s['id']}  {s['role']:<6}  {s['status']:<8}  {s['slots']} slot(s)")
+    print(f"sandbox   {_sandbox_summary(Path(args.home))}")
     return 0
+
+
+SANDBOX_STATE = "sandbox.json"
+
+
+def _write_sandbox_state(home: Path, missing: dict[str, str]) -> None:
+    """Record which confinement layers held when `serve` last started, for `status`."""
+    state = {"layers": list(LAYERS), "missing": missing, "since": time.time()}
+    path = home / SANDBOX_STATE
+    path.write_text(json.dumps(state))
+
+
+def _sandbox_summary(home: Path) -> str:
+    try:
+        state = json.loads((home / SANDBOX_STATE).read_text())
+        missing = {str(k): str(v) for k, v in state.get("missing", {}).items()}
+    except (OSError, ValueError, AttributeError):
+        return "unknown (serve has not run here)"
+    if not missing:
+        return f"every layer holds ({', '.join(LAYERS)})"
+    return "missing layers: " + "; ".join(f"{name} ({why})" for name, why in missing.items())
 
 
 def build_parser() -> argparse.ArgumentParser:

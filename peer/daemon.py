@@ -37,6 +37,7 @@ from peer import tasks as _tasks  # noqa: F401 - loaded before slots fork, so sa
 from peer import tracked, wire
 from peer.api import BrokerClient, BrokerError, BrokerUnreachable
 from peer.channel import Hello, Refused, answer, keepalive
+from peer.confine import LAYERS
 from peer.door import FrontDoor, Gate
 from peer.errors import PeerError, ProtocolError, SandboxError, TaskError
 from peer.identity import Identity, normalize_public_key
@@ -409,6 +410,8 @@ class PeerDaemon:
         self.port = self.listener.getsockname()[1]
         self.address = advertise or f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"  # noqa: S104
         self.completed = 0
+        #: Confinement layers the kernel refused (`peer.confine.LAYERS`), with why.
+        self.missing_layers: dict[str, str] = {}
 
     # -- life cycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -420,6 +423,11 @@ class PeerDaemon:
         except threading.BrokenBarrierError:
             self.stop(drain=0)
             raise DaemonError("a sandbox slot could not start; see the log above") from None
+        if self.missing_layers:
+            missing = "; ".join(f"{name}: {why}" for name, why in self.missing_layers.items())
+            log.warning("sandbox layers that do not hold here: %s", missing)
+        else:
+            log.info("sandbox: every layer holds (%s)", ", ".join(LAYERS))
         self._broker(lambda: self.client.update_me(address=self.address, pubKey=self.identity.public_key))
         self._broker(lambda: self.client.set_jobs(self.jobs, local_runtime()))
         self._spawn(self._heartbeat_loop, name="heartbeat")
@@ -618,7 +626,10 @@ class PeerDaemon:
 
     def _slot_loop(self, index: int) -> None:
         try:
-            slot = Slot(self.limits, index, self.scratch, base_uid=self.base_uid)
+            slot = Slot(
+                self.limits, index, self.scratch, base_uid=self.base_uid, hide=[self.identity.key_path.parent]
+            )
+            self.missing_layers = slot.missing_layers()
         except (SandboxError, OSError) as exc:
             log.error("slot %d could not start: %s", index, exc)
             self._slots_ready.abort()

@@ -7,6 +7,8 @@ programming errors (TypeError, KeyError, ...) still surface as themselves.
 
 from __future__ import annotations
 
+import linecache
+import re
 from typing import Any
 
 
@@ -51,7 +53,7 @@ class TaskError(PeerError):
         head = f"{self.type_name}: {self.message}"
         if not self.traceback_text:
             return head
-        return f"{head}\n\nRemote traceback:\n{self.traceback_text.rstrip()}"
+        return f"{head}\n\nRemote traceback:\n{with_local_source(self.traceback_text).rstrip()}"
 
     def to_dict(self) -> dict[str, str]:
         """Return the JSON-ready form used on the wire (see `codec.format_exception`)."""
@@ -101,4 +103,29 @@ class RemoteTraceback(Exception):
         self.text = text
 
     def __str__(self) -> str:
-        return f'\n"""\n{self.text.rstrip()}\n"""'
+        return f'\n"""\n{with_local_source(self.text).rstrip()}\n"""'
+
+
+_FRAME_LINE = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in ')
+
+
+def with_local_source(traceback_text: str) -> str:
+    """Fill in source lines a remote traceback lacks, from this process's own files.
+
+    A sandbox sees none of the requester's files, so frames of functions sent by
+    value come back without their source line. Where the requester has the file,
+    the line is shown as a local traceback would. Only for display in the process
+    that holds the files: a peer must never do this for a requester's traceback
+    (it names files the requester chose).
+    """
+    lines = traceback_text.splitlines()
+    out: list[str] = []
+    for index, line in enumerate(lines):
+        out.append(line)
+        match = _FRAME_LINE.match(line)
+        following = lines[index + 1] if index + 1 < len(lines) else ""
+        if match and not following.startswith("    "):
+            source = linecache.getline(match["file"], int(match["line"])).strip()
+            if source:
+                out.append(f"    {source}")
+    return "\n".join(out) + ("\n" if traceback_text.endswith("\n") else "")

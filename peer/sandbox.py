@@ -1,18 +1,23 @@
 """Run tasks in pre-started, sandboxed child processes, never in the daemon.
 
-(The parent side; what the child does to confine itself and serve is `peer.confine`.)
+(The parent side; what the child does to confine itself and serve is `peer.confine`,
+its filesystem view `peer.jail`.)
 
-A `Slot` owns one child process at a time. The child is forked once, confines itself
-(new session, parent-death signal, no network, rlimits, an unprivileged per-slot uid,
-no new privileges, no inherited fds, a scratch directory) and then serves tasks over a
-socketpair using the frames of `peer.wire`. Forking once and reusing the child keeps
-a trivial task at a fraction of a millisecond, against several milliseconds for a
-fork per task.
+A `Slot` owns one serving child and one warm spare. Each child is a fresh interpreter
+started by exec (``python -I``), never a fork of the daemon, so nothing of the daemon's
+memory (its TLS key, tokens, other sessions' code and data) is there to read. It
+confines itself (namespaces, a filesystem view of read-only system files and private
+empty /tmp, /var/tmp, /dev/shm and /run, rlimits, its own uid, no capabilities, no new
+privileges, no inherited fds) and serves tasks over a socketpair using the frames of
+`peer.wire`. Reusing the child within a session keeps a trivial task at a fraction of
+a millisecond; starting an interpreter costs about 0.25 s, so the spare is started
+ahead and takes over at once when the child must go (a new session, a crash, a
+doubtful state), while the next spare starts in the background.
 
 When a task hangs, crashes the interpreter or leaves the child in a doubtful state
-(MemoryError, processes forked), the parent kills the child's process group and every
-process of the slot's uid, reports a `TaskError` naming the cause, and forks a fresh
-child, so the slot keeps serving. The parent never unpickles anything: it forwards the
+(MemoryError, processes forked), the parent kills the child's pid namespace (its init
+takes every process with it), reports a `TaskError` naming the cause, and promotes the
+spare, so the slot keeps serving. The parent never unpickles anything: it forwards the
 requester's buffers in and the child's result buffers out.
 """
 
@@ -25,20 +30,24 @@ import shutil
 import signal
 import socket
 import struct
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peer import confine, tracked, wire
+import peer
+from peer import confine, jail, tracked, wire
 from peer.errors import ConnectionClosed, ProtocolError, SandboxError, TaskError
+from peer.limits import Limits
 from peer.wire import Buffer, Kind
 
+__all__ = ["DEFAULT_BASE_UID", "PRELOAD", "Limits", "Slot"]
+
 DEFAULT_BASE_UID = 61000
-# The interpreter may live under a 0700 directory (/root): once the child drops to
-# its own uid it can import nothing new, so what tasks commonly need is imported
-# before that. dill brings the modules pickled functions refer to by reference.
+# Imported once in each child's launcher, before it forks the server, so a task's
+# first use of them costs nothing. dill brings the modules pickled functions refer to.
 PRELOAD = (
     "abc array base64 binascii bisect bz2 cmath collections collections.abc contextlib "
     "copy csv ctypes dataclasses datetime decimal dill encodings.idna encodings.latin_1 "
@@ -51,47 +60,29 @@ _ERROR_LIMIT = 1024 * 1024
 _CODE_CACHE = 256
 _START_TIMEOUT = 30.0
 _EXIT_GRACE = 2.0
-# Failures after which the child's interpreter may be in a bad state.
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource limits of one sandbox child.
-
-    Attributes:
-        memory: Address-space limit in bytes (RLIMIT_AS); it must leave room for the
-            forked daemon's own mappings.
-        cpu_seconds: CPU time limit (RLIMIT_CPU). It accumulates over the child's
-            life, so the slot recycles the child once half of it is used.
-        nproc: Processes and threads the slot's uid may have (RLIMIT_NPROC).
-        nofile: Open file descriptors (RLIMIT_NOFILE).
-        fsize: Largest file the task may write, in bytes (RLIMIT_FSIZE).
-        timeout: Default wall-clock limit of one task, in seconds.
-        max_tasks: Tasks after which the child is replaced by a fresh one.
-    """
-
-    memory: int = 2 * 1024**3
-    cpu_seconds: int = 300
-    nproc: int = 64
-    nofile: int = 256
-    fsize: int = 1024**3
-    timeout: float = 300.0
-    max_tasks: int = 10_000
-
-    def __post_init__(self) -> None:
-        for name in ("memory", "cpu_seconds", "nproc", "nofile", "fsize", "timeout", "max_tasks"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"Limits.{name} must be positive")
+#: The whole environment of a sandbox child: nothing of the daemon's (tokens, paths).
+#: One BLAS thread: a slot is one core's worth of work.
+CHILD_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": jail.SCRATCH,
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
 
 
 @dataclass
 class _Child:
     """The parent's view of one running child process."""
 
-    pid: int
+    pid: int  # the launcher, our child
     sock: socket.socket
     pidfd: int | None
     poller: select.poll
+    home: Path  # its scratch and root mount point, removed when it is gone
+    init_pidfd: int | None = None  # the init of its pid namespace: killing it ends all
+    ready: bool = False
     codes: set[str] = field(default_factory=set)
     tasks: int = 0
     shared: dict[int, int] = field(default_factory=dict)  # obj_id -> version it holds
@@ -122,17 +113,21 @@ class Slot:
     """One job slot: a sandboxed child process that runs tasks one at a time.
 
     Drive a slot from one long-lived thread: the child's parent-death signal fires
-    when the forking thread exits. Not thread-safe.
+    when the spawning thread exits. Not thread-safe.
 
     Args:
         limits: Resource limits for the child.
         index: Slot number; picks the child's uid (``base_uid + index``) and scratch
             directory, so slots never share RLIMIT_NPROC accounting or files.
-        scratch_root: Directory under which ``slot-<index>`` is the child's working
-            directory, wiped whenever a fresh child starts.
+        scratch_root: Directory under which ``slot-<index>`` holds the children's
+            scratch directories, each removed when its child goes.
         base_uid: First uid used for sandboxes when running as root.
-        preload: Modules imported before privileges are dropped.
+        preload: Modules each child imports before it serves.
         max_frame: Largest result frame accepted from the child.
+        hide: Host directories the sandbox must not see even if they lie inside a
+            shown path (the peer's home, with its key and token).
+        spare: Keep a warm spare child, so that replacing the child never waits for an
+            interpreter to start.
     """
 
     def __init__(
@@ -144,27 +139,67 @@ class Slot:
         base_uid: int = DEFAULT_BASE_UID,
         preload: Sequence[str] = PRELOAD,
         max_frame: int = wire.DEFAULT_MAX_FRAME,
+        hide: Sequence[Path] = (),
+        spare: bool = True,
     ) -> None:
         self.limits = limits
         self.index = index
         self.scratch = Path(scratch_root) / f"slot-{index}"
         self.uid: int | None = base_uid + index if os.geteuid() == 0 else None
         self.network_isolated = False
+        #: Each confinement layer (`confine.LAYERS`): "" when it holds, else why not.
+        self.layers: dict[str, str] = {}
         self.max_frame = max_frame
         self._preload = tuple(preload)
         self._codes: OrderedDict[str, bytes] = OrderedDict()
         self._child: _Child | None = None
-        confine.preload_modules(self._preload)
+        self._spare: _Child | None = None
+        self._dying: list[tuple[_Child, bool]] = []
+        self._serial = 0
+        package = os.path.dirname(os.path.abspath(peer.__file__))
+        self._package_parent = os.path.dirname(package)
+        self._show = jail.interpreter_paths(package)
+        self._hide = jail.hidden_paths([*hide, self.scratch.parent])
         if self.uid is not None:
-            # Orphans of a task (fork bombs) are re-parented to us instead of PID 1,
-            # so we can reap them: unreaped zombies still count against RLIMIT_NPROC.
+            # A daemon that was SIGKILLed may have left processes under this uid (only
+            # without a pid namespace); they must not meet the next requester's files.
+            _kill_uid(self.uid)
+            # Orphans of a task are re-parented to us instead of PID 1, so we can
+            # reap them: unreaped zombies still count against RLIMIT_NPROC.
             confine.prctl(ctypes.CDLL(None, use_errno=True), confine.PR_SET_CHILD_SUBREAPER, 1)
-        self._child = self._spawn()
+            _reap_uid(self.uid)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self._child = self._ready(self._spawn())
+        # Without a pid namespace a child is stopped by killing its uid, which would
+        # take a spare of the same uid with it.
+        self._want_spare = spare and (self.uid is None or self.layers.get("pid") == "")
+        self._refill()
 
     @property
     def pid(self) -> int | None:
-        """Process id of the current child, or None between children."""
+        """Process id of the current child (its launcher), or None between children."""
         return self._child.pid if self._child else None
+
+    @property
+    def work_dir(self) -> Path | None:
+        """Host path of the current child's scratch directory (its ``/scratch``)."""
+        return self._child.home / "work" if self._child else None
+
+    def server_pids(self) -> list[int]:
+        """Host pids of the serving processes of the child and the spare (for checks).
+
+        Each sandbox's server is pid 2 of its pid namespace, found among the
+        descendants of its launcher.
+        """
+        pids = []
+        for child in (self._child, self._spare):
+            if child is not None and child.ready:
+                pids += [pid for pid in _descendants(child.pid) if _namespace_pid(pid) == 2]
+        return sorted(pids)
+
+    def missing_layers(self) -> dict[str, str]:
+        """The confinement layers that do not hold here, with the reason for each."""
+        return {name: why for name, why in self.layers.items() if why}
 
     def run(
         self,
@@ -255,7 +290,7 @@ class Slot:
             child.shared_revision = max(child.shared_revision, revision)
 
     def recycle(self) -> None:
-        """Replace the child with a fresh one and wipe the scratch directory.
+        """Replace the child with the warm spare (a fresh interpreter, fresh scratch).
 
         The daemon calls this before a task of another session than the last one: a
         task can leave state behind (patched modules, globals, files, processes) that
@@ -265,10 +300,13 @@ class Slot:
             self._replace(self._child)
 
     def close(self) -> None:
-        """Kill the child and everything it started; the slot cannot be used after."""
-        if self._child is not None:
-            child, self._child = self._child, None
-            _stop(child, self.uid)
+        """Kill the children and everything they started; the slot cannot be used after."""
+        children = [c for c in (self._child, self._spare) if c is not None]
+        self._child = self._spare = None
+        for child in children:
+            self._stop(child, wait=False)
+        self._reap_dying()
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
     def __enter__(self) -> Slot:
         return self
@@ -308,19 +346,39 @@ class Slot:
             self._replace(child)
 
     def _live_child(self) -> _Child:
-        """Return a running child, starting one if the last one is gone."""
+        """Return a running child, promoting the spare if the last one is gone."""
         child = self._child
         if child is not None and child.ended() is not None:
             # It died between tasks (e.g. killed from outside); start afresh.
             self._child = None
-            _stop(child, self.uid)
+            self._stop(child)
             child = None
         if child is None:
-            child = self._child = self._spawn()
+            child = self._child = self._next_child()
         return child
 
+    def _next_child(self) -> _Child:
+        """The spare once it is ready (or a new child if there is none); a new spare starts behind it."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.ended() is not None:  # it died while waiting
+            self._stop(spare)
+            spare = None
+        try:
+            return self._ready(spare if spare is not None else self._spawn())
+        finally:
+            self._refill()
+
+    def _refill(self) -> None:
+        """Start a spare in the background if one is wanted and there is none."""
+        self._reap_dying(block=False)
+        if self._want_spare and self._spare is None:
+            try:
+                self._spare = self._spawn()
+            except SandboxError:
+                pass  # the next promotion starts one synchronously and reports why
+
     def _replace(self, child: _Child, exc: BaseException | None = None) -> str:
-        """Stop ``child`` and start a fresh one; return why the old one went away.
+        """Stop ``child`` and promote the spare; return why the old one went away.
 
         After a broken connection the child has usually died on its own, so we wait a
         moment for its exit status; after garbage from a live child we barely wait.
@@ -328,11 +386,11 @@ class Slot:
         broken = isinstance(exc, (ConnectionClosed, OSError)) and not isinstance(exc, TimeoutError)
         grace = _EXIT_GRACE if broken else 0.2 if exc is not None else 0.0
         self._child = None
-        cause = _stop(child, self.uid, grace=grace)
+        cause = self._stop(child, grace=grace, wait=False)
         if exc is not None and not broken:
             cause = f"{exc}; {cause}"
         try:
-            self._child = self._spawn()
+            self._child = self._next_child()
         except SandboxError:
             pass  # The next run() retries and reports the failure.
         return cause
@@ -351,29 +409,43 @@ class Slot:
         return wire.read_frame(child.sock, self.max_frame)
 
     def _spawn(self) -> _Child:
-        """Fork a child, let it confine itself, and wait for its ready message."""
+        """Start a fresh sandbox interpreter; it confines itself and then says HELLO_OK.
+
+        Returns at once (the child is not ready yet: see `_ready`), so a spare's
+        start-up overlaps the tasks the current child runs.
+        """
+        self._serial += 1
+        home = self.scratch / f"child-{self._serial}"
+        work, root = home / "work", home / "root"
         try:
-            if self.scratch.exists():
-                shutil.rmtree(self.scratch)
-            self.scratch.mkdir(mode=0o700, parents=True)
+            shutil.rmtree(home, ignore_errors=True)
+            self.scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for directory in (home, work, root):
+                directory.mkdir(mode=0o700)
             if self.uid is not None:
-                os.chown(self.scratch, self.uid, self.uid)
+                os.chown(work, self.uid, self.uid)
         except OSError as exc:
-            raise SandboxError(f"cannot prepare scratch directory {self.scratch}: {exc}") from exc
+            raise SandboxError(f"cannot prepare scratch directory {home}: {exc}") from exc
         ours, theirs = socket.socketpair()
-        parent_pid = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child, reported over the socket
-            status = 70
-            try:
-                ours.close()
-                confine.child_main(
-                    theirs, parent_pid, confine.ChildSpec(self.limits, self.scratch, self.uid, self._preload)
-                )
-                status = 0
-            finally:
-                os._exit(status)
-        theirs.close()
+        try:
+            view = jail.View(
+                root=str(root),
+                scratch=str(work),
+                show=self._show,
+                hide=self._hide,
+                tmp_bytes=self.limits.tmp_bytes,
+                uid=os.getuid() if self.uid is None else self.uid,
+            )
+            spec = confine.ChildSpec(theirs.fileno(), os.getpid(), self.limits, self.uid, view, self._preload)
+            argv = [sys.executable, "-I", "-c", confine.BOOTSTRAP, self._package_parent, str(theirs.fileno())]
+            os.set_inheritable(theirs.fileno(), True)
+            pid = os.posix_spawn(sys.executable, argv, CHILD_ENV, setsid=True)
+            wire.write_frame(ours, Kind.HELLO, [spec.to_json().encode()])
+        except OSError as exc:
+            ours.close()
+            raise SandboxError(f"cannot start a sandbox interpreter {sys.executable}: {exc}") from exc
+        finally:
+            theirs.close()
         try:
             pidfd: int | None = os.pidfd_open(pid)
         except (AttributeError, OSError):
@@ -382,31 +454,116 @@ class Slot:
         for fd in (ours.fileno(), pidfd):
             if fd is not None:
                 poller.register(fd, select.POLLIN)
-        child = _Child(pid, ours, pidfd, poller)
+        return _Child(pid, ours, pidfd, poller, home)
+
+    def _ready(self, child: _Child) -> _Child:
+        """Wait for a started child's HELLO_OK and note which confinement layers hold."""
+        if child.ready:
+            return child
         try:
             kind, payload = self._await_frame(child, time.monotonic() + _START_TIMEOUT)
             info = wire.decode_json(payload)
         except (ProtocolError, OSError) as exc:
             grace = 0.0 if isinstance(exc, TimeoutError) else _EXIT_GRACE
-            cause = _stop(child, self.uid, grace=grace)
+            cause = self._stop(child, grace=grace)
             raise SandboxError(f"sandbox child failed to start: {exc!r}; {cause}") from exc
         if kind is not Kind.HELLO_OK:
-            _stop(child, self.uid, grace=_EXIT_GRACE)
+            self._stop(child, grace=_EXIT_GRACE)
             raise SandboxError(str(info.get("reason", f"sandbox sent {kind.name} at start")))
+        layers = info.get("layers")
+        if isinstance(layers, dict):
+            self.layers = {str(k): str(v) for k, v in layers.items() if k in confine.LAYERS}
         self.network_isolated = bool(info.get("network_isolated"))
+        child.init_pidfd = _init_pidfd(child.pid) if self.layers.get("pid") == "" else None
+        child.ready = True
         return child
 
+    def _stop(self, child: _Child, *, grace: float = 0.0, wait: bool = True) -> str:
+        """Kill ``child`` with everything it started; say how it ended.
 
-def _stop(child: _Child, uid: int | None, *, grace: float = 0.0) -> str:
-    """Kill the child, its process group and (as root) every process of ``uid``.
+        Tearing down a big address space takes the kernel some milliseconds, so with
+        ``wait=False`` a child in its own pid namespace is reaped (and its scratch
+        removed) later, off the path of the next task. Without a pid namespace the
+        slot's uid is swept at once, before another child runs under it.
+        """
+        by_uid = self.uid is not None and child.init_pidfd is None
+        cause = _kill(child, self.uid if by_uid else None, grace=grace)
+        self._dying.append((child, by_uid))
+        if wait or by_uid:
+            self._reap_dying()
+        return cause
 
-    Fork-bomb children escape ``waitpid`` and may leave the group, but not the uid.
-    When the child is believed to be exiting on its own, ``grace`` gives it a moment
-    to finish dying so its real exit status, not our SIGKILL, is reported.
+    def _reap_dying(self, *, block: bool = True) -> None:
+        """Reap killed children (only those already gone unless ``block``)."""
+        still = []
+        for child, by_uid in self._dying:
+            gone = child.ended() is not None and (
+                child.init_pidfd is None or bool(select.select([child.init_pidfd], [], [], 0)[0])
+            )
+            if block or gone:
+                _reap(child, self.uid if by_uid else None)
+                shutil.rmtree(child.home, ignore_errors=True)
+            else:
+                still.append((child, by_uid))
+        self._dying = still
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as children:
+                kids = [int(p) for p in children.read().split()]
+        except OSError:
+            continue
+        found += kids
+        todo += kids
+    return found
+
+
+def _namespace_pid(pid: int) -> int | None:
+    """The pid of ``pid`` in its innermost pid namespace, from /proc's NSpid line."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _init_pidfd(launcher: int) -> int | None:
+    """A pidfd of the launcher's one child, the init of the sandbox's pid namespace.
+
+    Signalling it through a pidfd cannot hit another process that reused the pid.
+    """
+    try:
+        with open(f"/proc/{launcher}/task/{launcher}/children") as children:
+            pids = children.read().split()
+        return os.pidfd_open(int(pids[0])) if len(pids) == 1 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _kill(child: _Child, uid: int | None, *, grace: float = 0.0) -> str:
+    """Kill the child's pid namespace, its launcher and process group; say how it ended.
+
+    Killing the namespace's init ends every process in it, wherever a task moved
+    them in the process tree. Without a pid namespace, ``uid`` (as root) names the
+    processes to kill instead. When the child is believed to be exiting on its own,
+    ``grace`` gives it a moment to finish dying so its real exit status, not our
+    SIGKILL, is reported.
     """
     if grace > 0:
         _wait_for_exit(child, grace)
     ended = child.ended()
+    if child.init_pidfd is not None:
+        try:
+            signal.pidfd_send_signal(child.init_pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     for kill in (os.killpg, os.kill):
         try:
             kill(child.pid, signal.SIGKILL)
@@ -414,13 +571,32 @@ def _stop(child: _Child, uid: int | None, *, grace: float = 0.0) -> str:
             pass
     if uid is not None:
         _kill_uid(uid)
+    child.sock.close()
+    return "sandbox was killed" if ended is None else _describe(*ended)
+
+
+def _reap(child: _Child, uid: int | None) -> None:
+    """Wait for a killed child's processes to be gone and release their pids."""
     child.reap()
+    if child.init_pidfd is not None:
+        _reap_init(child.init_pidfd)
+        child.init_pidfd = None
     if uid is not None:
         _reap_uid(uid)
-    child.sock.close()
     if child.pidfd is not None:
         os.close(child.pidfd)
-    return "sandbox was killed" if ended is None else _describe(*ended)
+        child.pidfd = None
+
+
+def _reap_init(pidfd: int, within: float = 2.0) -> None:
+    """Reap the namespace's init if it was re-parented to us (its launcher died first)."""
+    select.select([pidfd], [], [], within)  # readable once it has exited
+    try:
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+    except ChildProcessError:
+        pass  # the launcher reaped it
+    finally:
+        os.close(pidfd)
 
 
 def _wait_for_exit(child: _Child, grace: float) -> None:
@@ -508,6 +684,3 @@ def _describe(code: int, value: int) -> str:
     except ValueError:
         name = f"signal {value}"
     return f"sandbox died with {name}"
-
-
-# --- The child side -----------------------------------------------------------------

@@ -90,8 +90,12 @@ def test_runs_unprivileged_in_its_scratch_dir(slot: Slot) -> None:
     uid, cwd = run(slot, lambda: (os.getuid(), os.getcwd()))
     assert os.geteuid() == 0, "these tests run as root, as the peer does"
     assert uid == slot.uid == 61000
-    assert cwd == str(slot.scratch)
-    assert stat.S_IMODE(slot.scratch.stat().st_mode) == 0o700
+    assert cwd == "/scratch"
+    run(slot, lambda: open("note", "w").write("hi"))
+    work = slot.work_dir
+    assert work is not None and (work / "note").read_text() == "hi"
+    assert stat.S_IMODE(work.stat().st_mode) == 0o700
+    assert work.stat().st_uid == slot.uid
 
 
 def test_exception_comes_back_as_text_and_child_is_kept(slot: Slot) -> None:
@@ -105,7 +109,9 @@ def test_exception_comes_back_as_text_and_child_is_kept(slot: Slot) -> None:
     error = info.value
     assert error.type_name == "ZeroDivisionError"
     assert error.message == "division by zero"
-    assert "return 1 / 0" in error.traceback_text
+    assert "test_sandbox.py" in error.traceback_text
+    # The host cannot read the requester's files; the requester shows its own lines.
+    assert "return 1 / 0" in str(error)
     assert "ZeroDivisionError: division by zero" in str(error)
     assert_serves(slot)
     assert slot.pid == pid  # an ordinary exception does not cost a new child
@@ -172,7 +178,8 @@ def test_bounded_fork_bomb_hits_nproc_and_is_cleaned_up(slot: Slot) -> None:
     assert info.value.type_name == "BlockingIOError"
     assert "Resource temporarily unavailable" in info.value.message
     assert_serves(slot)
-    assert settled_processes(slot.uid, [slot.pid]) == [slot.pid]  # the sleepers were killed
+    servers = slot.server_pids()
+    assert settled_processes(slot.uid, servers) == servers  # the sleepers were killed
 
 
 def test_segfault_is_reported(slot: Slot) -> None:
@@ -232,11 +239,14 @@ def key_dir() -> Iterator[Path]:
         yield path
 
 
-def test_cannot_read_the_peers_key(slot: Slot, key_dir: Path) -> None:
-    assert run(slot, lambda: (key_dir / "peer.crt").read_text()) == "certificate"  # control
-    with pytest.raises(TaskError) as info:
-        run(slot, lambda: (key_dir / "peer.key").read_text())
-    assert info.value.type_name == "PermissionError"
+def test_cannot_see_the_peers_key(slot: Slot, key_dir: Path) -> None:
+    """Not a permission check that a uid slip would undo: the host's files are not there."""
+    assert (key_dir / "peer.crt").read_text() == "certificate"  # control, on the host
+    for name in ("peer.key", "peer.crt"):
+        with pytest.raises(TaskError) as info:
+            run(slot, lambda name=name: (key_dir / name).read_text())
+        assert info.value.type_name == "FileNotFoundError"
+    assert run(slot, lambda: os.path.exists(key_dir)) is False
     assert_serves(slot)
 
 
@@ -287,8 +297,14 @@ def test_two_slots_have_separate_uids(make_slot: Callable[..., Slot]) -> None:
 
 def test_recycles_after_max_tasks(make_slot: Callable[..., Slot]) -> None:
     slot = make_slot(max_tasks=3)
-    pids = [run(slot, os.getpid) for _ in range(7)]
-    assert len(set(pids)) == 3
+
+    def interpreter() -> str:  # every child is pid 2 of its namespace: tell them apart
+        import builtins
+
+        return builtins.__dict__.setdefault("_sandbox_token", os.urandom(8).hex())
+
+    tokens = [run(slot, interpreter) for _ in range(7)]
+    assert len(set(tokens)) == 3
 
 
 def test_limits_must_be_positive() -> None:
@@ -320,7 +336,31 @@ def test_death_is_noticed_while_a_grandchild_holds_the_socket(slot: Slot) -> Non
     with pytest.raises(TaskError, match="sandbox exited with status 5"):
         run(slot, exit_behind_a_c_fork, timeout=20)
     assert time.monotonic() - started < 5
-    assert settled_processes(slot.uid, [slot.pid]) == [slot.pid]
+    servers = slot.server_pids()
+    assert settled_processes(slot.uid, servers) == servers
+
+
+def reachable_interpreter() -> None:
+    """Let a plain user run this interpreter, in this process only.
+
+    It lives under /root (0700) here; a contributor without root runs one of their
+    own. In a private mount namespace, /root becomes a world-searchable tmpfs
+    holding only the interpreter's tree: the host's /root is untouched.
+    """
+    from peer import jail
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.unshare(0x00020000) == 0, "unshare(CLONE_NEWNS)"
+    mounter = jail._Mounter()
+    mounter.mount(None, "/", None, jail.MS_REC | jail.MS_PRIVATE)
+    stage = tempfile.mkdtemp(prefix="peer-root-")
+    mounter.mount("tmpfs", stage, "tmpfs", 0, "mode=0755")
+    for top in {
+        Path(p).relative_to("/root").parts[0] for p in (sys.base_prefix, sys.prefix) if p.startswith("/root/")
+    }:
+        os.mkdir(f"{stage}/{top}", 0o755)
+        mounter.mount(f"/root/{top}", f"{stage}/{top}", None, jail.MS_BIND | jail.MS_REC)
+    mounter.mount(stage, "/root", None, jail.MS_BIND | jail.MS_REC)
 
 
 def unprivileged_daemon(scratch: Path) -> dict[str, object]:
@@ -330,11 +370,13 @@ def unprivileged_daemon(scratch: Path) -> dict[str, object]:
     if pid == 0:  # pragma: no cover - reports through the pipe
         report: dict[str, object] = {}
         try:
+            reachable_interpreter()
             os.setgroups([])
             os.setgid(65534)
             os.setuid(65534)
             with Slot(Limits(memory=8 * 1024**3, timeout=5), 0, scratch) as slot:
                 report["isolated"] = slot.network_isolated
+                report["layers"] = slot.layers
                 report["uid"] = run(slot, os.getuid)
                 try:
                     run(slot, lambda: socket.create_connection(("127.0.0.1", 9), timeout=1))
@@ -363,6 +405,9 @@ def test_without_root_a_user_namespace_cuts_the_network() -> None:
         report = unprivileged_daemon(Path(name))
     assert "error" not in report, report
     assert report["isolated"] is True
+    layers = report["layers"]
+    assert isinstance(layers, dict)
+    assert {name for name, why in layers.items() if why} == set(), layers  # every layer holds
     assert report["uid"] == 65534
     assert "unreachable" in str(report["connect"])
     assert report["exit"] == "sandbox exited with status 2"
