@@ -16,12 +16,13 @@ The probe itself must not be a weapon either:
   IP: a DNS answer that changes between check and connect cannot redirect it;
 - loopback, private, link-local, shared and reserved IPs only when the operator allows
   them (``PROBE_PRIVATE_ADDRESSES``), as a local stack does;
-- one deadline (``PROBE_TIMEOUT``, 2 s) for the whole exchange, and at most 528 bytes
-  read from the target.
+- a bounded name look-up, then one deadline (``PROBE_TIMEOUT``, 2 s) for the whole
+  exchange, and at most 528 bytes read from the target.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import logging
 import secrets
@@ -37,7 +38,7 @@ from broker_api.challenges import verify
 from matchmaker import jobs, keys
 from matchmaker.keys import ProofState
 from matchmaker.queue import match_queue, request_rematch
-from matchmaker.registry import Registry, proof_subject
+from matchmaker.registry import MatchmakerError, Registry, proof_subject
 from matchmaker.settings import Settings
 from peer import probe, wire
 from peer.errors import PeerError
@@ -58,7 +59,11 @@ return {0, 0}
 """
 
 
-class ProbeRefused(Exception):
+#: Threads for name look-ups (see `resolve`); a stuck look-up holds one, never the job.
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe-dns")
+
+
+class ProbeRefused(MatchmakerError):
     """The address may not be probed (not resolvable, or a range the operator forbids)."""
 
 
@@ -98,8 +103,14 @@ def check_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, *, private_ok: b
         )
 
 
-def resolve(address: str, *, private_ok: bool) -> tuple[socket.AddressFamily, tuple[str, int]]:
+def resolve(
+    address: str, *, private_ok: bool, timeout: float = 2.0
+) -> tuple[socket.AddressFamily, tuple[str, int]]:
     """Resolve ``address`` once and check the IP that will be connected to.
+
+    ``getaddrinfo`` has no timeout of its own, and an account picks the name (and so the
+    name server): the look-up runs on a small pool of threads and is given up after
+    ``timeout`` seconds, so a slow resolver cannot hold the prober.
 
     Returns the family and socket address to connect to: the caller connects to this
     checked IP, never to the name again.
@@ -107,8 +118,14 @@ def resolve(address: str, *, private_ok: bool) -> tuple[socket.AddressFamily, tu
     host, port = split_address(address)
     if not 1 <= port <= 65535:
         raise ProbeRefused(f"port {port} is out of range")
+    lookup = _RESOLVER.submit(
+        socket.getaddrinfo, host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        infos = lookup.result(timeout)
+    except concurrent.futures.TimeoutError:
+        lookup.cancel()
+        raise ProbeRefused(f"resolving {host!r} took longer than {timeout:g} s") from None
     except (socket.gaierror, UnicodeError) as exc:
         raise ProbeRefused(f"cannot resolve {host!r}: {exc}") from None
     if not infos:
@@ -135,7 +152,7 @@ class Prober:
         """Prove (or not) that the holder of ``pub_key`` answers at ``address``."""
         s = self._settings
         try:
-            family, target = resolve(address, private_ok=s.probe_private)
+            family, target = resolve(address, private_ok=s.probe_private, timeout=s.probe_timeout)
         except ProbeRefused as exc:
             return Outcome(ProofState.FAILED, str(exc))
         ip, port = target
