@@ -225,13 +225,17 @@ def format_exception(exc: BaseException) -> dict[str, str]:
 
     A pickled exception would make the requester unpickle peer-chosen objects, and
     its class may not exist on the requester; a name, message and traceback do not.
+    A builtin exception's args go along as `peer.datacodec` data (base64).
     Long messages and tracebacks are cut so the result fits a bounded JSON frame.
     """
     cls = type(exc)
     type_name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     message = _clip(str(exc), _MESSAGE_LIMIT, keep_end=False)
     text = "".join(traceback.format_exception(exc))
-    return {"type": type_name, "message": message, "traceback": _clip(text, _TRACEBACK_LIMIT, keep_end=True)}
+    info = {"type": type_name, "message": message, "traceback": _clip(text, _TRACEBACK_LIMIT, keep_end=True)}
+    if cls.__module__ == "builtins" and (args := datacodec.error_args(exc)):
+        info["args"] = args  # so the requester rebuilds the builtin type with them
+    return info
 
 
 def _clip(text: str, limit: int, *, keep_end: bool) -> str:

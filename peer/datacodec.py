@@ -38,6 +38,7 @@ Bounds the decoder holds (why: a few hostile bytes must not cost the requester m
 
 from __future__ import annotations
 
+import base64
 import builtins
 import dataclasses
 import datetime
@@ -59,7 +60,7 @@ from typing import Any
 
 import msgpack
 
-from peer.errors import DataError, RemoteTraceback
+from peer.errors import ERROR_ARGS_LIMIT, DataError, RemoteTraceback, TaskError, remote_error
 
 Buffer = bytes | bytearray | memoryview
 
@@ -77,6 +78,9 @@ MEMORY_FACTOR = 128
 #: Keys of a dict (items of a set) whose hashes may repeat before it is refused.
 HASH_REPEATS = 16
 _SMALL = 32  # containers this small cannot take long to build, whatever their hashes
+#: Frames this small skip the length walk: msgpack preallocates at most 8 bytes per
+#: declared item, items <= frame size, depth <= frame size: 8 * 256 * 256 = 512 KiB.
+_UNCHECKED = 256
 _NAME_LIMIT = 1024
 _TRACEBACK_LIMIT = 32 * 1024
 _MAX_DIMS = 64  # numpy's own NPY_MAXDIMS
@@ -154,21 +158,24 @@ def dumps(obj: Any) -> list[Buffer]:
         Unrepresentable: ``obj`` holds a type outside the format, an int over
             `MAX_INT_DIGITS`, or nests deeper than 511 levels.
     """
-    encoder = _Encoder()
+    encoder = _IDLE.pop() if _IDLE else _Encoder()
+    frame = b""
     try:
         if _holds_raw(obj):
             obj = encoder.convert(obj, _DEPTH)
         frame = encoder.packer.pack(obj)
+        return [frame, *encoder.oob]
     except Unrepresentable:
+        encoder.packer.reset()
         raise
-    except (
-        ValueError,
-        RecursionError,
-        OverflowError,
-    ) as exc:  # msgpack: "recursion limit exceeded", sizes over 4 GiB
+    except (ValueError, RecursionError, OverflowError) as exc:  # msgpack: "recursion limit exceeded", > 4 GiB
+        encoder.packer.reset()
         why = "nested too deeply" if isinstance(exc, RecursionError) or "recursion" in str(exc) else str(exc)
         raise Unrepresentable(type_name(type(obj)), why) from None
-    return [frame, *encoder.oob]
+    finally:
+        encoder.oob = []
+        if len(frame) <= _KEEP:  # a Packer keeps its buffer at the largest size it packed
+            _IDLE.append(encoder)
 
 
 def _holds_raw(obj: Any) -> bool:
@@ -218,8 +225,10 @@ def _children(value: Any) -> Sequence[Any]:
 
 
 class _Encoder:
-    """One encoding: a Packer whose ``default`` maps our types onto msgpack, and the
-    out-of-band buffers collected on the way."""
+    """A Packer whose ``default`` maps our types onto msgpack, and the out-of-band
+    buffers of the encoding in progress. Encoders are reused (`_IDLE`): the Packer and
+    its bound ``default`` form a cycle, and a fresh one per result would leave a
+    megabyte buffer per call for the garbage collector."""
 
     def __init__(self) -> None:
         self.oob: list[Buffer] = []
@@ -273,11 +282,9 @@ class _Encoder:
         raise Unrepresentable(type_name(cls))
 
     def exception(self, exc: BaseException) -> list[Any]:
-        args: list[Any] = list(exc.args)
-        if isinstance(exc, OSError) and exc.filename is not None and len(args) == 2:
-            args += [exc.filename] + ([None, exc.filename2] if exc.filename2 is not None else [])
+        args = _exception_args(exc)
         try:
-            dumps(exc.args)
+            dumps(args)
         except Unrepresentable:
             args = [str(exc)]  # args that are not data travel as the message
         text = "".join(traceback.format_exception(exc)) if exc.__traceback__ is not None else None
@@ -315,6 +322,46 @@ class _Encoder:
             self.oob.append(memoryview(obj))
             return msgpack.ExtType(_BYTEARRAY_OOB, _oob_index(self))
         return msgpack.ExtType(_BYTEARRAY, bytes(obj))
+
+
+_IDLE: list[_Encoder] = []  # list.pop/append are atomic: safe across threads
+_KEEP = 1 << 20
+
+
+def _exception_args(exc: BaseException) -> list[Any]:
+    """What rebuilds ``exc`` by calling its type (an OSError keeps its file names)."""
+    args: list[Any] = list(exc.args)
+    if isinstance(exc, OSError) and exc.filename is not None and len(args) == 2:
+        args += [exc.filename] + ([None, exc.filename2] if exc.filename2 is not None else [])
+    return args
+
+
+def error_args(exc: BaseException) -> str:
+    """A raised exception's args as base64 data for the JSON ERROR message, or "" when
+    they are not data or too big (the requester then rebuilds it from the message)."""
+    try:
+        frame, *oob = dumps(_exception_args(exc))
+    except Unrepresentable:
+        return ""
+    text = base64.b64encode(frame).decode() if not oob else ""
+    return text if len(text) <= ERROR_ARGS_LIMIT else ""
+
+
+def task_error(info: dict[str, Any]) -> TaskError:
+    """The exception a task raised, from its ERROR message (requester side).
+
+    A builtin type comes back as itself too (``except KeyError:`` works) with its
+    args, when they arrived as valid data, and the remote traceback as ``__cause__``.
+    """
+    error = TaskError.from_dict(info)
+    args: list[Any] | None = None
+    if error.encoded_args:
+        try:
+            decoded = loads([base64.b64decode(error.encoded_args, validate=True)])
+        except (DataError, ValueError):
+            decoded = None
+        args = decoded if type(decoded) is list else None
+    return remote_error(error.type_name, error.message, error.traceback_text, args, error.encoded_args)
 
 
 def _oob_index(encoder: _Encoder) -> bytes:
@@ -452,7 +499,8 @@ def loads(buffers: Sequence[Buffer], *, trusted: bool = False) -> Any:
         "max_ext_len": frame.nbytes,
     }
     try:
-        _check_lengths(frame, limits)
+        if frame.nbytes > _UNCHECKED:
+            _check_lengths(frame, limits)
         value = msgpack.unpackb(
             frame,
             ext_hook=decoder.ext,

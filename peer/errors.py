@@ -7,8 +7,10 @@ programming errors (TypeError, KeyError, ...) still surface as themselves.
 
 from __future__ import annotations
 
+import builtins
 import linecache
 import re
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -32,8 +34,10 @@ class TaskError(PeerError):
     """A remote task failed.
 
     The failure travels as text (execnet style), never as a pickled exception: the
-    requester must not unpickle objects chosen by a peer, and the remote exception
-    class may not even exist locally.
+    requester must not unpickle objects chosen by a peer. When the remote type is a
+    builtin exception, the requester raises an instance of a subclass of both
+    TaskError and that type (`remote_error`), so ``except ValueError:`` and
+    ``except TaskError:`` both work, with the remote traceback as its ``__cause__``.
 
     Attributes:
         type_name: Name of the remote exception type, e.g. ``"ZeroDivisionError"``,
@@ -41,27 +45,44 @@ class TaskError(PeerError):
         message: ``str()`` of the remote exception, or a description of the cause.
         traceback_text: The formatted remote traceback; empty when there is none
             (a task killed from outside has no Python traceback).
+        encoded_args: The remote exception's args as `peer.datacodec` data (base64),
+            passed through by the daemon untouched; empty when they were not data.
     """
 
-    def __init__(self, type_name: str, message: str, traceback_text: str = "") -> None:
-        super().__init__(type_name, message, traceback_text)
+    #: Whether ``str()`` ends with the remote traceback (rebuilt builtin types carry it
+    #: as their ``__cause__`` instead, so a printed traceback shows it once).
+    _traceback_in_str = True
+
+    def __init__(
+        self, type_name: str, message: str, traceback_text: str = "", *, encoded_args: str = ""
+    ) -> None:
+        # Not super().__init__: a rebuilt OSError or UnicodeError base would read these
+        # three strings as its own fields. `remote_error` then sets the remote args.
+        BaseException.__init__(self, type_name, message, traceback_text)
         self.type_name = type_name
         self.message = message
         self.traceback_text = traceback_text
+        self.encoded_args = encoded_args
 
     def __str__(self) -> str:
         head = f"{self.type_name}: {self.message}"
-        if not self.traceback_text:
+        if not self.traceback_text or not self._traceback_in_str:
             return head
         return f"{head}\n\nRemote traceback:\n{with_local_source(self.traceback_text).rstrip()}"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        rebuilt = type(self) is not TaskError
+        return (
+            remote_error,
+            (self.type_name, self.message, self.traceback_text, self.args if rebuilt else None),
+        )
+
     def to_dict(self) -> dict[str, str]:
         """Return the JSON-ready form used on the wire (see `codec.format_exception`)."""
-        return {
-            "type": self.type_name,
-            "message": self.message,
-            "traceback": self.traceback_text,
-        }
+        out = {"type": self.type_name, "message": self.message, "traceback": self.traceback_text}
+        if self.encoded_args:
+            out["args"] = self.encoded_args
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskError:
@@ -70,11 +91,74 @@ class TaskError(PeerError):
         The dict comes from another process, so every field is coerced to ``str``
         rather than trusted to have the right type.
         """
+        args = data.get("args", "")
         return cls(
             str(data.get("type", "RemoteError")),
             str(data.get("message", "")),
             str(data.get("traceback", "")),
+            encoded_args=args if isinstance(args, str) and len(args) <= ERROR_ARGS_LIMIT else "",
         )
+
+
+#: Bytes of base64 args an ERROR message may carry (the rest travels as the message).
+ERROR_ARGS_LIMIT = 8 * 1024
+#: Builtin exceptions raised here as plain TaskErrors: control flow (a StopIteration out
+#: of ``result()`` would end the caller's generator), groups (their constructor takes
+#: exceptions), and BaseException-only types (SystemExit, KeyboardInterrupt).
+_NOT_REBUILT = frozenset({"StopIteration", "StopAsyncIteration", "ExceptionGroup"})
+_REMOTE_TYPES: dict[type[BaseException], type[TaskError]] = {}
+
+
+def remote_error(
+    type_name: str,
+    message: str,
+    traceback_text: str = "",
+    args: Sequence[Any] | None = None,
+    encoded_args: str = "",
+) -> TaskError:
+    """The exception to raise for a remote failure.
+
+    For a builtin exception type (looked up by name in the builtins table only): an
+    instance of a subclass of TaskError and that type, with ``args`` (the remote
+    exception's, when they were data; else the message) and the remote traceback as
+    its ``__cause__``, as `concurrent.futures.ProcessPoolExecutor` does. Anything else
+    is a plain TaskError carrying the type name, message and traceback.
+    """
+    builtin = vars(builtins).get(type_name)
+    cls = _remote_type(builtin) if type_name not in _NOT_REBUILT else None
+    if cls is None or builtin is None:
+        return TaskError(type_name, message, traceback_text, encoded_args=encoded_args)
+    exc = cls(type_name, message, traceback_text, encoded_args=encoded_args)
+    values = tuple(args) if args is not None else (message,)
+    try:
+        builtin.__init__(exc, *values)
+    except Exception:  # args that do not fit the type's constructor
+        BaseException.__init__(exc, *values)
+    if traceback_text:
+        exc.__cause__ = RemoteTraceback(traceback_text)
+    return exc
+
+
+def _remote_type(builtin: Any) -> type[TaskError] | None:
+    """``RemoteValueError(TaskError, ValueError)`` and the like, made once per type."""
+    if not (isinstance(builtin, type) and issubclass(builtin, Exception)) or issubclass(builtin, TaskError):
+        return None
+    cls = _REMOTE_TYPES.get(builtin)
+    if cls is None:
+        try:
+            cls = type(
+                f"Remote{builtin.__name__}",
+                (TaskError, builtin),
+                {
+                    "__module__": __name__,
+                    "_traceback_in_str": False,
+                    "__doc__": f"A remote {builtin.__name__}.",
+                },
+            )
+        except TypeError:  # a layout that cannot be combined: stay a plain TaskError
+            return None
+        _REMOTE_TYPES[builtin] = cls
+    return cls
 
 
 class SandboxError(PeerError):

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peer import codec, tracked, wire
+from peer import codec, datacodec, tracked, wire
 from peer.api import BrokerClient
 from peer.channel import connect, keepalive
 from peer.config import Account, default_broker, default_home
@@ -534,7 +534,7 @@ class Pool(Executor):
                     msg = wire.decode_json(payload, limit=_ERROR_LIMIT)
                     task = self._finish(link, int(msg.get("task", -1)))
                     if task is not None:
-                        task.future.set_exception(TaskError.from_dict(msg))
+                        task.future.set_exception(datacodec.task_error(msg))
                 elif kind is Kind.BYE:
                     raise ProtocolError("the worker is shutting down")
                 elif kind is Kind.PONG:

@@ -459,3 +459,83 @@ def test_results_are_bounded_in_memory_relative_to_their_frame() -> None:
             peak,
             len(frame),
         )
+
+
+# --- errors raised by tasks -------------------------------------------------------
+
+
+def raised(exc: BaseException) -> dict[str, Any]:
+    """The ERROR message the sandbox sends for ``exc`` raised in a task."""
+    from peer import codec
+
+    try:
+        raise exc
+    except BaseException as caught:
+        return codec.format_exception(caught)
+
+
+def test_builtin_task_errors_are_their_own_type_and_task_errors() -> None:
+    from peer.errors import TaskError
+
+    error = datacodec.task_error(raised(KeyError("missing")))
+    assert isinstance(error, KeyError) and isinstance(error, TaskError)
+    assert error.args == ("missing",) and error.type_name == "KeyError"
+    assert isinstance(error.__cause__, RemoteTraceback) and "in raised" in error.__cause__.text
+    assert str(error) == "KeyError: 'missing'"  # the traceback is printed once, as the cause
+    with pytest.raises(KeyError):
+        raise error
+
+
+def test_oserror_from_a_task_keeps_errno_and_filename() -> None:
+    error = datacodec.task_error(raised(FileNotFoundError(2, "No such file", "/nowhere")))
+    assert isinstance(error, FileNotFoundError) and error.errno == 2 and error.filename == "/nowhere"
+
+
+def test_task_error_args_that_are_not_data_fall_back_to_the_message() -> None:
+    error = datacodec.task_error(raised(ValueError(object())))
+    assert isinstance(error, ValueError) and error.args[0].startswith("<object object")
+
+
+def test_task_errors_survive_pickling() -> None:
+    import pickle
+
+    error = pickle.loads(pickle.dumps(datacodec.task_error(raised(ValueError("v", 1)))))
+    assert isinstance(error, ValueError) and error.args == ("v", 1)
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        {"type": "SystemExit", "message": "0"},
+        {"type": "KeyboardInterrupt", "message": ""},
+        {"type": "StopIteration", "message": ""},
+        {"type": "ExceptionGroup", "message": "g"},
+        {"type": "os.system", "message": "x"},
+        {"type": "peer.errors.TaskError", "message": "x"},
+        {"type": "__import__", "message": "os"},
+        {"type": "SandboxDied", "message": "SIGSEGV"},
+    ],
+    ids=lambda info: info["type"],
+)
+def test_other_task_errors_stay_plain_task_errors(info: dict[str, str]) -> None:
+    from peer.errors import TaskError
+
+    assert type(datacodec.task_error(info)) is TaskError
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "not base64!",
+        "",
+        "AAAA",
+        __import__("base64").b64encode(b"\xdd\xff\xff\xff\xff").decode(),  # a list declaring 4 G items
+        __import__("base64").b64encode(pack({"not": "a list"})).decode(),
+        __import__("base64").b64encode(pack([named(datacodec._DATACLASS, "os:system")])).decode(),
+        "A" * 100_000,
+        12,
+    ],
+)
+def test_hostile_error_args_fall_back_to_the_message(args: Any) -> None:
+    error = datacodec.task_error({"type": "ValueError", "message": "plain", "args": args})
+    assert isinstance(error, ValueError) and error.args == ("plain",)

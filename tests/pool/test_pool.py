@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from concurrent.futures import as_completed
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -141,3 +144,58 @@ def test_long_remote_error_messages_arrive_intact(make_pool):
             pool.submit(long_error).result(30)
         assert caught.value.type_name == "ValueError" and len(caught.value.message) >= 8000
         assert pool.rerun == 0
+
+
+def test_builtin_exceptions_arrive_as_their_own_type_with_the_remote_traceback(make_pool):
+    """``except ValueError:`` works as with ProcessPoolExecutor; TaskError still catches."""
+    from peer.errors import RemoteTraceback
+
+    def fails(kind):
+        if kind == "value":
+            raise ValueError("bad value", 3)
+        if kind == "file":
+            open("/nonexistent/file")
+        raise RuntimeError("custom")
+
+    with make_pool(1) as pool:
+        try:
+            pool.submit(fails, "value").result(30)
+        except ValueError as exc:
+            assert exc.args == ("bad value", 3)
+            assert isinstance(exc, TaskError)
+            assert isinstance(exc.__cause__, RemoteTraceback) and "in fails" in exc.__cause__.text
+        else:
+            raise AssertionError("no ValueError")
+        with pytest.raises(FileNotFoundError) as caught:
+            pool.submit(fails, "file").result(30)
+        assert caught.value.filename == "/nonexistent/file" and caught.value.errno == 2
+        with pytest.raises(TaskError, match="RuntimeError: custom"):
+            pool.submit(fails, "runtime").result(30)
+
+
+@dataclasses.dataclass
+class Reading:
+    sensor: str
+    value: float
+
+
+class Span(NamedTuple):
+    start: int
+    end: int
+
+
+def own_values() -> list[object]:
+    return [Reading("t", 21.5), Span(1, 2), Path("/srv/out.txt"), (1, {2}), ValueError("a value")]
+
+
+def test_results_of_the_requesters_own_classes_come_back_as_them(make_pool):
+    """The default (untrusted) decoder rebuilds this module's dataclass and NamedTuple
+    by calling them, a Path as a Path, and a returned exception as itself. (Enums are
+    covered in tests/peer/test_datacodec.py: dill 0.4.1 cannot send a function whose
+    globals hold an Enum class by value.)"""
+    with make_pool(1) as pool:
+        got = pool.submit(own_values).result(30)
+    expected = own_values()
+    assert got[:4] == expected[:4]
+    assert [type(v) for v in got] == [type(v) for v in expected]
+    assert got[4].args == ("a value",)
