@@ -13,6 +13,7 @@ imports dill or pickle, which keeps "where do we unpickle?" a one-line grep
 from __future__ import annotations
 
 import json
+import mmap
 import socket
 import struct
 import threading
@@ -32,6 +33,7 @@ MAX_BUFFERS = 65_536
 # Parts smaller than this are joined before sending: one syscall for the header and
 # small pieces, while big buffers go out as they are, without a copy.
 _COALESCE = 64 * 1024
+_HUGE = 4 * 1024 * 1024
 _COUNT = struct.Struct("!I")
 _LENGTH = struct.Struct("!Q")
 
@@ -171,11 +173,31 @@ def parse_header(header: Buffer, max_frame: int = DEFAULT_MAX_FRAME) -> tuple[Ki
 
 def read_payload(sock: socket.socket, kind: Kind, length: int) -> memoryview:
     """Receive the ``length``-byte payload of a frame whose header `read_header` checked."""
-    payload = memoryview(bytearray(length))
+    payload = allocate(length)
     got = _recv_exactly(sock, payload)
     if got < length:
         raise ProtocolError(f"truncated {kind.name} frame: got {got} of {length} bytes")
     return payload
+
+
+def allocate(length: int) -> memoryview:
+    """A writable buffer of ``length`` bytes for a payload to be received into.
+
+    Big payloads get anonymous memory advised for transparent huge pages: filling
+    100 MB of fresh 4 KiB pages costs the kernel ~25,000 page faults and zeroings
+    (0.1-0.25 s on a small VM), against ~50 with 2 MiB pages (about 0.05 s), and each
+    hop of a big argument or result lands in a fresh buffer.
+    """
+    if length < _HUGE:
+        return memoryview(bytearray(length))
+    region = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advise = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advise is not None:
+        try:
+            region.madvise(advise)
+        except OSError:
+            pass  # THP disabled: ordinary pages, as with a bytearray
+    return memoryview(region)
 
 
 def skip_payload(sock: socket.socket, kind: Kind, length: int, chunk: int = 1024 * 1024) -> None:

@@ -231,3 +231,24 @@ def test_buffer_count_is_capped() -> None:
     payload = struct.pack("!I", wire.MAX_BUFFERS + 1) + bytes(8 * (wire.MAX_BUFFERS + 1))
     with pytest.raises(ProtocolError, match="exceeds"):
         wire.unpack_buffers(payload)
+
+
+def test_a_big_payload_lands_in_a_writable_buffer_of_its_exact_size() -> None:
+    """Big payloads are received into huge-page-advised anonymous memory, not a bytearray;
+    what the caller gets must behave the same: exact size, writable, the bytes sent."""
+    import socket
+    import threading
+
+    from peer import wire
+
+    body = bytes(range(256)) * (40 * 1024)  # 10 MiB: over the huge-buffer threshold
+    a, b = socket.socketpair()
+    with a, b:
+        sender = threading.Thread(target=wire.write_frame, args=(a, wire.Kind.TASK, [body]))
+        sender.start()
+        kind, payload = wire.read_frame(b)
+        sender.join()
+    assert kind is wire.Kind.TASK
+    assert payload.nbytes == len(body) and not payload.readonly
+    assert payload == body
+    payload[0] = 7  # a task may modify what it received in place
