@@ -377,6 +377,16 @@ def unprivileged_daemon(scratch: Path) -> dict[str, object]:
             with Slot(Limits(memory=8 * 1024**3, timeout=5), 0, scratch) as slot:
                 report["isolated"] = slot.network_isolated
                 report["layers"] = slot.layers
+                report["view"] = run(
+                    slot,
+                    lambda: {
+                        "tmp": os.listdir("/tmp"),
+                        "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+                        "postgres": os.path.exists("/var/run/postgresql"),
+                        "root": os.listdir("/root"),
+                        "writable_usr": os.access("/usr", os.W_OK),
+                    },
+                )
                 report["uid"] = run(slot, os.getuid)
                 try:
                     run(slot, lambda: socket.create_connection(("127.0.0.1", 9), timeout=1))
@@ -408,6 +418,12 @@ def test_without_root_a_user_namespace_cuts_the_network() -> None:
     layers = report["layers"]
     assert isinstance(layers, dict)
     assert {name for name, why in layers.items() if why} == set(), layers  # every layer holds
+    # The same view as under root: private empty /tmp, only its own processes, no
+    # host sockets, a read-only system.
+    view = report["view"]
+    assert isinstance(view, dict)
+    assert set(view.pop("root")) <= {".pyenv"}  # at most the stand-in path to an interpreter there
+    assert view == {"tmp": [], "pids": [1, 2], "postgres": False, "writable_usr": False}
     assert report["uid"] == 65534
     assert "unreachable" in str(report["connect"])
     assert report["exit"] == "sandbox exited with status 2"
