@@ -19,10 +19,11 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from peer.api import BrokerClient, BrokerError
-from peer.config import Account, default_broker, default_home
+from peer.config import Account, ServeSettings, default_broker, default_home, positive_mib
 from peer.confine import LAYERS
 from peer.daemon import PeerDaemon
 from peer.errors import PeerError
@@ -104,6 +105,7 @@ def _logged_in(home: Path, broker: str | None) -> tuple[Account, BrokerClient]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Lend slots until SIGTERM or Ctrl-C, then drain and withdraw."""
+    budgets = ServeSettings.from_env(session_mib=args.session_mib, held_mib=args.held_mib)
     home = Path(args.home)
     identity = Identity.load(home)
     account, client = _logged_in(home, args.broker)
@@ -127,6 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
         lease=args.lease,
         relogin=relogin,
+        session_bytes=budgets.session_mib * 1024 * 1024,
+        held_bytes=budgets.held_mib * 1024 * 1024,
     )
     stopping = []
 
@@ -186,6 +190,18 @@ def _sandbox_summary(home: Path) -> str:
     return "missing layers: " + "; ".join(f"{name} ({why})" for name, why in missing.items())
 
 
+def _mib_arg(flag: str) -> Callable[[str], int]:
+    """An argparse type for a positive size in MiB whose error names ``flag``."""
+
+    def parse(text: str) -> int:
+        try:
+            return positive_mib(text, flag)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m peer", description="Compute Broker peer: lend your idle cores."
@@ -219,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--drain", type=float, default=30.0, help="seconds to finish running tasks on exit")
     p.add_argument("--scratch", help="directory for the slots' scratch space (default: a temp dir)")
+    p.add_argument(
+        "--session-mib",
+        type=_mib_arg("--session-mib"),
+        help="MiB of a session's tasks, code and shared objects held at once, over all its "
+        "connections (default: $COMPUTE_BROKER_SESSION_MIB or 1024)",
+    )
+    p.add_argument(
+        "--held-mib",
+        type=_mib_arg("--held-mib"),
+        help="MiB held at once for all sessions together (default: $COMPUTE_BROKER_HELD_MIB or 2048)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="show the account, its slots and sessions")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +28,64 @@ def default_home() -> Path:
 
 def default_broker() -> str:
     return os.environ.get("COMPUTE_BROKER_URL", DEFAULT_BROKER)
+
+
+def positive_mib(text: str, name: str = "the value") -> int:
+    """Parse a size in MiB: a positive whole number, or a `ValueError` naming ``name``."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number of MiB, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number of MiB, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Defaults of ``python -m peer serve`` that the environment may set (its flags
+    override them): how many MiB of requesters' frames the daemon holds at once for one
+    session (``COMPUTE_BROKER_SESSION_MIB``) and for all (``COMPUTE_BROKER_HELD_MIB``);
+    see `peer.budget`. One session can then never take more than its share, however
+    many connections it opens."""
+
+    session_mib: int = 1024
+    held_mib: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("session_mib", "held_mib"):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise PeerError(f"{name} must be a positive number of MiB, got {value!r}")
+        if self.session_mib > self.held_mib:
+            raise PeerError(
+                f"the per-session budget ({self.session_mib} MiB) must not exceed the daemon's "
+                f"({self.held_mib} MiB): raise --held-mib or lower --session-mib"
+            )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **flags: int | None) -> ServeSettings:
+        """The settings from ``env`` (default ``os.environ``); ``flags`` that are not
+        None (the command line's) take precedence.
+
+        Raises:
+            PeerError: a value is not a positive whole number of MiB, or the session's
+                budget exceeds the daemon's.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, int] = {}
+        for name, var in (
+            ("session_mib", "COMPUTE_BROKER_SESSION_MIB"),
+            ("held_mib", "COMPUTE_BROKER_HELD_MIB"),
+        ):
+            if flags.get(name) is not None:
+                values[name] = int(flags[name])  # type: ignore[arg-type]
+            elif env.get(var, ""):
+                try:
+                    values[name] = positive_mib(env[var], var)
+                except ValueError as exc:
+                    raise PeerError(str(exc)) from None
+        return cls(**values)
 
 
 @dataclass

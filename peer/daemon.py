@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -36,6 +37,7 @@ from typing import Any, TypeVar
 from peer import tasks as _tasks  # noqa: F401 - loaded before slots fork, so sandboxes can use it
 from peer import tracked, wire
 from peer.api import BrokerClient, BrokerError, BrokerUnreachable
+from peer.budget import MIB, Budget, OverBudget
 from peer.channel import Hello, Refused, answer, keepalive
 from peer.confine import LAYERS
 from peer.door import FrontDoor, Gate
@@ -50,16 +52,15 @@ T = TypeVar("T")
 
 TASK_ID = struct.Struct("!Q")
 OPEN = ("matched", "partial")
-#: Per connection: tasks waiting or running, and bytes they hold; functions kept. A
-#: requester's own pool keeps slots x window tasks in flight, far below these; past
-#: them a connection is cut rather than let one requester exhaust the daemon's memory.
+#: Per connection: tasks waiting or running; functions kept. A requester's own pool
+#: keeps slots x window tasks in flight, far below these; past them a connection is cut.
+#: The bytes every frame holds are charged to its session's and the daemon's `Budget`.
 MAX_HANDSHAKES = 64  # connections not yet authorized, at once
 MAX_HANDSHAKES_PER_SOURCE = 8  # of which from one address
 HANDSHAKE_DEADLINE = 15.0  # seconds for the whole handshake
 HANDSHAKE_WORKERS = 4  # threads finishing handshakes whose hello has arrived
 MAX_CONNECTIONS_PER_SESSION = 4  # a newer one replaces the oldest (a requester reconnecting)
 MAX_QUEUED_TASKS = 4096
-MAX_QUEUED_BYTES = 1024**3
 MAX_FUNCTIONS = 1024
 MAX_FUNCTION_BYTES = 256 * 1024**2
 AUTH_CACHE_SECONDS = 15.0
@@ -221,8 +222,9 @@ class Connection:
     tasks: int = 0
     opened: float = field(default_factory=time.monotonic)
     queued: int = 0
-    queued_bytes: int = 0
     code_bytes: int = 0
+    #: Bytes charged to the budget for this connection's code and shared objects.
+    held: int = 0
     count_lock: threading.Lock = field(default_factory=threading.Lock)
     thread: threading.Thread | None = None
 
@@ -310,14 +312,14 @@ class WorkQueue:
                 self._order.remove(sid)
             self._cond.notify_all()
 
-    def drop(self, conn: Connection) -> int:
-        """Forget a closed connection's queued tasks; returns how many."""
+    def drop(self, conn: Connection) -> list[Work]:
+        """Forget a closed connection's queued tasks; returns them."""
         with self._cond:
             queue = self._queues.get(conn.session_id)
             if not queue:
-                return 0
+                return []
             kept = deque(w for w in queue if w.conn is not conn)
-            dropped = len(queue) - len(kept)
+            dropped = [w for w in queue if w.conn is conn]
             self._queues[conn.session_id] = kept
             return dropped
 
@@ -350,6 +352,8 @@ class PeerDaemon:
             from its requester before the peer leaves it, freeing its slots for
             others (a requester that vanished does not hold them forever; the session
             record itself stays until its owner deletes it).
+        session_bytes, held_bytes: Bytes of requesters' frames held at once for one
+            session and for all of them (`peer.budget`).
     """
 
     def __init__(
@@ -366,6 +370,8 @@ class PeerDaemon:
         heartbeat: float = 5.0,
         lease: float = 60.0,
         relogin: Callable[[], None] | None = None,
+        session_bytes: int = 1024 * MIB,
+        held_bytes: int = 2048 * MIB,
     ) -> None:
         self.identity = identity
         self.client = client
@@ -378,6 +384,7 @@ class PeerDaemon:
         self._relogin = relogin
         self.authorizer = Authorizer(client)
         self.queue = WorkQueue()
+        self.budget = Budget(session_bytes, held_bytes)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._conns: set[Connection] = set()
@@ -570,59 +577,125 @@ class PeerDaemon:
         finally:
             conn.alive = False
             dropped = self.queue.drop(conn)
+            for work in dropped:
+                self._finished(work)
+            self.budget.release(conn.session_id, conn.held, draining=False)
+            conn.held = 0
             with self._conns_lock:
                 self._conns.discard(conn)
             self.queue.wake()  # idle slots may now replace a child that served this session
             wire.close_quietly(tls)
             log.info(
-                "session %s: %s disconnected after %d task(s)%s",
+                "session %s: %s disconnected after %d task(s)%s; %s",
                 hello_session[:8],
                 address,
                 conn.tasks,
-                f", {dropped} queued task(s) dropped" if dropped else "",
+                f", {len(dropped)} queued task(s) dropped" if dropped else "",
+                self.budget.describe(hello_session),
             )
 
     def _read_frames(self, conn: Connection, slots: int) -> None:
         # Runs until the requester or `stop` closes the connection: while draining,
         # results of tasks already received still go out on it.
+        def cancelled() -> bool:
+            return not conn.alive or self._stop.is_set() or _hung_up(conn.tls)
+
         while True:
-            kind, payload = wire.read_frame(conn.tls)
-            if kind is Kind.TASK:
-                parts = wire.unpack_buffers(payload)
-                if len(parts) < 2 or len(parts[0]) != TASK_ID.size:
-                    raise ProtocolError("TASK needs a task id and a code id")
-                code_id = bytes(parts[1]).decode("ascii", "replace")
-                if code_id not in conn.codes:
-                    conn.send(
-                        Kind.ERROR,
-                        [_error(parts[0], TaskError("LookupError", "no function was sent with that id"))],
-                    )
-                    continue
-                if conn.queued >= MAX_QUEUED_TASKS or conn.queued_bytes + len(payload) > MAX_QUEUED_BYTES:
-                    raise ProtocolError("too many tasks queued on one connection")
-                work = Work(conn, bytes(parts[0]), code_id, parts[2:], conn.shared.revision, len(payload))
-                with conn.count_lock:
-                    conn.queued += 1
-                    conn.queued_bytes += work.size
-                self.queue.put(work, slots)
-            elif kind in (Kind.SHARE, Kind.DELTA):
-                # Opaque to the daemon: appended in arrival order, replayed into the
-                # sandboxes before the tasks that follow it.
-                conn.shared.append(tracked.update_from_frame(kind, payload))
-            elif kind is Kind.FUNC:
-                parts = wire.unpack_buffers(payload)
-                if len(parts) != 2:
-                    raise ProtocolError("FUNC needs a code id and the code")
-                conn.code_bytes += len(parts[1])
-                if len(conn.codes) >= MAX_FUNCTIONS or conn.code_bytes > MAX_FUNCTION_BYTES:
-                    raise ProtocolError("too many functions sent on one connection")
-                conn.codes[bytes(parts[0]).decode("ascii", "replace")] = bytes(parts[1])
-            elif kind is Kind.PING:
-                conn.send(Kind.PONG, [payload])
-            elif kind is Kind.BYE:
+            kind, length = wire.read_header(conn.tls)
+            # Charged before the body is allocated: waits while the session's or the
+            # daemon's budget is full (backpressure), refuses what could never fit.
+            try:
+                self.budget.reserve(conn.session_id, length, draining=kind is Kind.TASK, cancelled=cancelled)
+            except OverBudget as exc:
+                self._over_budget(conn, kind, length, exc)
+                continue
+            try:
+                payload = wire.read_payload(conn.tls, kind, length)
+                kept = self._frame(conn, kind, payload, length, slots)
+            except BaseException:
+                self.budget.release(conn.session_id, length, draining=kind is Kind.TASK)
+                raise
+            if kept < length:
+                self.budget.release(conn.session_id, length - kept, draining=kind is Kind.TASK)
+            if kind is Kind.BYE:
                 return
-            else:
-                raise ProtocolError(f"unexpected {kind.name} frame from a requester")
+
+    def _frame(self, conn: Connection, kind: Kind, payload: memoryview, length: int, slots: int) -> int:
+        """Act on one frame; returns how many of its ``length`` charged bytes it still
+        holds (a queued task: all; a function: its code; a ping: none)."""
+        if kind is Kind.TASK:
+            parts = wire.unpack_buffers(payload)
+            if len(parts) < 2 or len(parts[0]) != TASK_ID.size:
+                raise ProtocolError("TASK needs a task id and a code id")
+            code_id = bytes(parts[1]).decode("ascii", "replace")
+            if code_id not in conn.codes:
+                conn.send(
+                    Kind.ERROR,
+                    [_error(parts[0], TaskError("LookupError", "no function was sent with that id"))],
+                )
+                return 0
+            if conn.queued >= MAX_QUEUED_TASKS:
+                raise ProtocolError("too many tasks queued on one connection")
+            work = Work(conn, bytes(parts[0]), code_id, parts[2:], conn.shared.revision, length)
+            with conn.count_lock:
+                conn.queued += 1
+            self.queue.put(work, slots)
+            return length  # released by `_finished` when the task has run or is dropped
+        if kind in (Kind.SHARE, Kind.DELTA):
+            # Opaque to the daemon: appended in arrival order, replayed into the
+            # sandboxes before the tasks that follow it. The log may let older
+            # buffers go: what the connection holds follows the log's own size.
+            conn.shared.append(tracked.update_from_frame(kind, payload))
+            before, now = conn.held - conn.code_bytes, conn.shared.nbytes
+            conn.held = conn.code_bytes + now
+            kept = now - before
+            if kept > length:  # the log's per-update overhead: already in memory
+                self.budget.force(conn.session_id, kept - length)
+                return length
+            if kept < 0:  # a snapshot replaced more than it brought
+                self.budget.release(conn.session_id, -kept, draining=False)
+                return 0
+            return kept
+        if kind is Kind.FUNC:
+            parts = wire.unpack_buffers(payload)
+            if len(parts) != 2:
+                raise ProtocolError("FUNC needs a code id and the code")
+            if len(conn.codes) >= MAX_FUNCTIONS or conn.code_bytes + len(parts[1]) > MAX_FUNCTION_BYTES:
+                raise ProtocolError("too many functions sent on one connection")
+            code_id = bytes(parts[0]).decode("ascii", "replace")
+            old = len(conn.codes.get(code_id, b""))
+            conn.codes[code_id] = bytes(parts[1])
+            conn.code_bytes += len(parts[1]) - old
+            conn.held += len(parts[1]) - old
+            self.budget.release(conn.session_id, old, draining=False)
+            return len(parts[1])
+        if kind is Kind.PING:
+            conn.send(Kind.PONG, [payload])
+            return 0
+        if kind is Kind.BYE:
+            return 0
+        raise ProtocolError(f"unexpected {kind.name} frame from a requester")
+
+    def _over_budget(self, conn: Connection, kind: Kind, length: int, exc: OverBudget) -> None:
+        """A frame that cannot be held: a task fails with a clear error (its body is read
+        through a small buffer and dropped, so the connection goes on); anything else
+        ends the connection, after an ERROR frame saying why."""
+        log.info("session %s: %s frame of %d bytes refused: %s", conn.session_id[:8], kind.name, length, exc)
+        if kind is Kind.TASK:
+            task_id = _task_id_then_skip(conn.tls, length)
+            conn.send(
+                Kind.ERROR, [_error(task_id, TaskError("MemoryError", f"task refused by the peer: {exc}"))]
+            )
+            return
+        conn.send(Kind.ERROR, [wire.encode_json({"type": "MemoryError", "message": str(exc), "task": -1})])
+        raise ProtocolError(f"{kind.name} frame over budget: {exc}")
+
+    def _finished(self, work: Work) -> None:
+        """A task has run or was dropped: its bytes go back to the budget."""
+        with work.conn.count_lock:
+            work.conn.queued -= 1
+        self.budget.release(work.conn.session_id, work.size, draining=True)
+        work.data = []
 
     def _slot_loop(self, index: int) -> None:
         try:
@@ -684,9 +757,34 @@ class PeerDaemon:
                     self.completed += 1
                 finally:
                     self.queue.done(work)
-                    with work.conn.count_lock:
-                        work.conn.queued -= 1
-                        work.conn.queued_bytes -= work.size
+                    self._finished(work)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the other side has closed or reset ``sock`` (checked without reading)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    try:
+        return bool(poller.poll(0))
+    except OSError:
+        return True
+
+
+def _task_id_then_skip(sock: socket.socket, length: int) -> bytes:
+    """Read a TASK payload's task id (its first buffer) and drop the rest unread into
+    memory: the payload is `wire.pack_buffers` of the id, the code id and the data."""
+    if length < 4:
+        raise ProtocolError("TASK payload shorter than its buffer count")
+    (count,) = struct.unpack("!I", wire.read_payload(sock, Kind.TASK, 4))
+    head = 4 + 8 * count + TASK_ID.size
+    if not 2 <= count <= wire.MAX_BUFFERS or head > length:
+        raise ProtocolError("TASK payload does not start with a task id")
+    lengths = struct.unpack(f"!{count}Q", wire.read_payload(sock, Kind.TASK, 8 * count))
+    if lengths[0] != TASK_ID.size:
+        raise ProtocolError("TASK payload does not start with a task id")
+    task_id = bytes(wire.read_payload(sock, Kind.TASK, TASK_ID.size))
+    wire.skip_payload(sock, Kind.TASK, length - head)
+    return task_id
 
 
 def _tune(sock: socket.socket) -> None:

@@ -27,6 +27,8 @@ from peer.wire import Kind
 
 log = logging.getLogger("peer")
 T = TypeVar("T")
+LINGER_BYTES = 64 * 1024
+LINGER_SECONDS = 2.0
 
 
 class Gate:
@@ -79,6 +81,8 @@ class _Visitor:
     filled: int = 0
     #: "hello" (the door reads it), "handshake" (a worker finishes it), "done".
     state: str = "hello"
+    #: Bytes still to read and drop after a bad first frame (a lingering close).
+    linger: int = 0
     expired: bool = False
     guard: socket.socket | None = None
 
@@ -223,6 +227,9 @@ class FrontDoor(Generic[T]):
     def _read(self, visitor: _Visitor) -> None:
         """Take what has arrived of ``visitor``'s first frame; hand it on once whole."""
         sock = visitor.sock
+        if visitor.linger:
+            self._linger(visitor)
+            return
         try:
             while visitor.payload is None:
                 n = sock.recv_into(memoryview(visitor.header)[visitor.got :])
@@ -244,7 +251,11 @@ class FrontDoor(Generic[T]):
             log.debug("%s %s", visitor.address, exc)
             self._drop(visitor)
             return
-        except (ProtocolError, OSError) as exc:
+        except ProtocolError as exc:
+            log.info("handshake with %s failed: %s", visitor.address, exc)
+            self._start_linger(visitor)
+            return
+        except OSError as exc:
             log.info("handshake with %s failed: %s", visitor.address, exc)
             self._drop(visitor)
             return
@@ -259,6 +270,35 @@ class FrontDoor(Generic[T]):
         with self._lock:
             visitor.state, visitor.guard = "handshake", guard
         self._jobs.put(visitor)
+
+    def _start_linger(self, visitor: _Visitor) -> None:
+        """Not a frame: say nothing, but close gracefully. Closing a socket with unread
+        bytes makes the kernel send a reset, which can reach the sender before it has
+        even finished writing; so send our FIN now and read (and drop) what it still
+        sends, at most `LINGER_BYTES` for at most `LINGER_SECONDS`, before closing."""
+        try:
+            visitor.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._drop(visitor)
+            return
+        visitor.linger = LINGER_BYTES
+        visitor.deadline = min(visitor.deadline, time.monotonic() + LINGER_SECONDS)
+        self._linger(visitor)
+
+    def _linger(self, visitor: _Visitor) -> None:
+        scratch = bytearray(4096)
+        try:
+            while visitor.linger > 0:
+                n = visitor.sock.recv_into(scratch)
+                if n == 0:
+                    break
+                visitor.linger -= n
+        except (BlockingIOError, InterruptedError):
+            if visitor.linger > 0:
+                return
+        except OSError:
+            pass
+        self._drop(visitor)
 
     def _drop(self, visitor: _Visitor, *, registered: bool = True) -> None:
         """Close a connection still in its hello phase (door thread only)."""

@@ -729,6 +729,12 @@ class SharedLog:
         """Number of updates accepted so far; names a point in the update stream."""
         return self._revision
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the log holds: its buffers plus a small charge per stored update."""
+        with self._lock:
+            return self._bytes
+
     def versions(self) -> dict[int, int]:
         """Latest version of every object in the log."""
         with self._lock:

@@ -159,6 +159,7 @@ def test_door_threads_stay_fixed_over_many_visitors() -> None:
             if n % 2:
                 sock.sendall(b"x" * 7)
             sock.close()
+        assert _until(lambda: door.gate.in_progress() == 0)
         for _ in range(20):
             door.hello(b"{}").close()
         assert _until(lambda: door.gate.in_progress() == 0 and len(door.admitted) == 20)

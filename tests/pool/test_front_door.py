@@ -145,3 +145,136 @@ def test_connect_close_cycles_leave_threads_and_memory_flat(stack, requester: Pa
     assert max(peak) <= before["threads"] + 3
     assert growth < 4 * 2**20
     assert len(served) >= 5 and max(served) < 5
+
+
+SESSION_MIB, HELD_MIB = 32, 48
+BLOB = 4 * 2**20
+
+
+def hold(seconds: float, blob: bytes) -> int:
+    """A task that keeps its slot busy (and its argument held) for a while."""
+    import time
+
+    time.sleep(seconds)
+    return len(blob)
+
+
+def _worker_key(pool: Pool) -> str:
+    (link,) = pool._links
+    return next(
+        w["pubKey"] for w in pool._client.session(pool.session_id)["workers"] if w["id"] == link.worker_id
+    )
+
+
+def _vanish(pool: Pool) -> None:
+    """The requester's links drop without ending the session (as if its process died)."""
+    pool._closed = True
+    for link in pool._links:
+        link.alive = False
+        wire.close_quietly(link.tls)
+
+
+def _stuff(tls, seconds: float, tasks: int, sent: list[int]) -> None:
+    """Send one function and ``tasks`` TASK frames of 4 MiB each, as fast as the peer reads."""
+    from peer import codec
+    from peer.daemon import TASK_ID
+
+    code = codec.dumps_code(hold)
+    code_id = codec.code_id(code).encode()
+    data = codec.dumps_data(((seconds, b"x" * BLOB), {}))
+    try:
+        wire.write_frame(tls, Kind.FUNC, wire.pack_buffers([code_id, code]))
+        for n in range(tasks):
+            wire.write_frame(tls, Kind.TASK, wire.pack_buffers([TASK_ID.pack(n), code_id, *data]))
+            sent.append(n)
+    except OSError:
+        pass  # cut by the test (or the oldest, replaced by a newer connection)
+
+
+@pytest.fixture
+def budget_peer(stack, workdir, peers) -> Iterator[PeerProcess]:
+    """A 2-slot peer holding at most 32 MiB per session and 48 MiB in all."""
+    for p in peers:
+        p.client.set_jobs(0)
+    peer = PeerProcess(
+        stack, workdir, f"budget-{time.monotonic_ns()}", 2,
+        "--session-mib", str(SESSION_MIB), "--held-mib", str(HELD_MIB), "--task-timeout", "60",
+    )  # fmt: skip
+    try:
+        yield peer
+    finally:
+        peer.stop()
+        for p in peers:
+            if p.process.proc.poll() is None:
+                p.client.set_jobs(1)
+
+
+def test_one_session_over_many_connections_cannot_grow_the_daemon_past_its_cap(
+    stack, requester: Path, budget_peer: PeerProcess
+):
+    """Session A opens five connections and pushes 4 MiB tasks into each (120 MiB in
+    all) while its one slot sleeps: the daemon's RSS grows by less than A's 32 MiB
+    budget plus 16 MiB; session B's tasks still run meanwhile; once A's connections
+    close and its running task ends, every byte is released (the log says 0.0 MiB)."""
+    from peer.channel import connect
+
+    pid = budget_peer.process.proc.pid
+    first = Pool(1, home=requester, broker=stack.url, timeout=20)
+    assert first.submit(abs, -1).result(30) == 1
+    key = _worker_key(first)
+    session_a = first.session_id
+    _vanish(first)  # the session stays open; its requester now uses raw connections
+    with Pool(1, home=requester, broker=stack.url, timeout=20) as second:
+        assert second.submit(abs, -2).result(30) == 2
+        assert second.session_id != session_a and list(second.shares) == [budget_peer.address]
+        before = proc_status(pid)["rss"]
+        links, senders, sent = [], [], []
+        for _ in range(5):
+            tls = connect(budget_peer.address, first.identity, session_a, key)
+            links.append(tls)
+            senders.append(threading.Thread(target=_stuff, args=(tls, 6.0, 6, sent), daemon=True))
+            senders[-1].start()
+        peak = before
+        deadline = time.monotonic() + 5
+        served = 0
+        while time.monotonic() < deadline:
+            peak = max(peak, proc_status(pid)["rss"])
+            assert second.submit(abs, -3).result(10) == 3  # B is not held back by A
+            served += 1
+            time.sleep(0.2)
+        growth = peak - before
+        print(
+            f"\nRSS {before / 2**20:.1f} -> peak {peak / 2**20:.1f} MiB; "
+            f"{len(sent)} of 30 tasks sent; B ran {served}"
+        )
+        assert growth < (SESSION_MIB + 16) * 2**20
+        assert len(sent) < 30  # the rest waits on the requester's side (backpressure)
+        assert "closing the oldest" in budget_peer.output()
+        for tls in links:
+            wire.close_quietly(tls)
+        for thread in senders:
+            thread.join(10)
+        # A's running task ends within its 6 s; then nothing is held for anyone.
+        deadline = time.monotonic() + 20
+        while True:
+            with connect(budget_peer.address, second.identity, second.session_id, _worker_key(second)):
+                pass
+            time.sleep(0.3)
+            last = [line for line in budget_peer.output().splitlines() if "disconnected after" in line][-1]
+            if "0.0 of 48 MiB in all" in last or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert "0.0 of 48 MiB in all" in last, last
+        assert second.submit(abs, -4).result(30) == 4
+    first._client.end_session(session_a)
+
+
+def test_a_task_larger_than_the_session_budget_fails_clearly(
+    stack, requester: Path, budget_peer: PeerProcess
+):
+    """Refused from its header, read past without being held; the connection goes on."""
+    with Pool(1, home=requester, broker=stack.url, timeout=20) as pool:
+        with pytest.raises(Exception, match="per-session budget of 32 MiB"):
+            pool.submit(len, b"x" * (SESSION_MIB + 8) * 2**20).result(60)
+        assert pool.submit(len, b"x" * 2**20).result(30) == 2**20
+        assert pool.rerun == 0
