@@ -564,13 +564,18 @@ class _Marker:
 
 
 class _Decoder:
-    """The state of one decoding: which out-of-band buffers were used, and how many
-    markers are still waiting for their list (any left over means a marker was
-    smuggled somewhere else, and the frame is refused)."""
+    """The state of one decoding: which out-of-band buffers were used, and the markers
+    waiting for their list to complete.
+
+    msgpack builds bottom-up in document order, so the waiting markers form a stack:
+    a list headed by a marker must find that very marker on top when it completes.
+    Any other marker on top was smuggled somewhere inside the list (not at a head),
+    and the frame is refused there, before a class is called with it as a field.
+    """
 
     def __init__(self, oob: list[memoryview], trusted: bool) -> None:
         self.oob, self.used, self.trusted = oob, [False] * len(oob), trusted
-        self.markers = 0
+        self.markers: list[_Marker] = []
 
     def take(self, data: bytes) -> memoryview:
         if len(data) != _U32.size:
@@ -584,12 +589,14 @@ class _Decoder:
     def ext(self, code: int, data: bytes) -> Any:
         if code in _MARKER_BUILDERS:
             build = _MARKER_BUILDERS[code]
-            self.markers += 1
             if code in (_TUPLE, _SET, _FROZENSET):
                 if data:
                     raise DataError("container marker with a payload")
-                return _Marker(build)
-            return _Marker(build, self.find_class(code, data))
+                marker = _Marker(build)
+            else:
+                marker = _Marker(build, self.find_class(code, data))
+            self.markers.append(marker)
+            return marker
         decode = _EXT_DECODERS.get(code)
         if decode is None:
             raise DataError(f"unknown extension type {code}")
@@ -597,8 +604,9 @@ class _Decoder:
 
     def list(self, items: list[Any]) -> Any:
         if items and type(items[0]) is _Marker:
-            self.markers -= 1
             marker = items[0]
+            if not self.markers or self.markers.pop() is not marker:
+                raise DataError("a marker extension appeared outside the head of a list")
             return marker.build(self, marker, items)
         return items
 

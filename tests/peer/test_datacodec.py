@@ -420,6 +420,31 @@ def test_hostile_frames_fail_cleanly_fast_and_small(name: str) -> None:
     assert set(sys.modules) == modules  # nothing was imported
 
 
+BUILT: list[Any] = []
+
+
+@dataclasses.dataclass
+class Recorder:
+    field: Any
+
+    def __post_init__(self) -> None:
+        BUILT.append(self.field)
+
+
+def test_a_class_is_never_called_with_a_smuggled_marker_inside_its_fields() -> None:
+    for field in (
+        [1, ext(datacodec._TUPLE)],
+        {"k": [2, [3, ext(datacodec._SET)]]},
+        ext(datacodec._FROZENSET),
+    ):
+        with pytest.raises(DataError, match="marker"):
+            datacodec.loads([pack([named(datacodec._DATACLASS, f"{ME}:Recorder"), {"field": field}])])
+    assert BUILT == []
+    assert datacodec.loads([pack([named(datacodec._DATACLASS, f"{ME}:Recorder"), {"field": 1}])]) == Recorder(
+        1
+    )
+
+
 def test_library_classes_decode_when_trusted() -> None:
     frame = pack([named(datacodec._ENUM, "signal:Signals"), 2])
     assert datacodec.loads([frame], trusted=True) is signal.Signals(2)
