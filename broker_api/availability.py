@@ -57,6 +57,10 @@ class Availability:
         if announced.rematch:
             request_rematch(self.queue)
 
+    def unproven(self, workers: list[tuple[str, str, str]]) -> set[str]:
+        """Ids among ``(id, address, pubKey)`` now announcing an address not proven."""
+        return self.registry.unproven(workers) if workers else set()
+
     def proof(self, user: User) -> Proof:
         """Where the account's address proof stands, for the host to see."""
         info = self.registry.peer(user.id)

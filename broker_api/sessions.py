@@ -45,8 +45,16 @@ def _check_id(session_id: str) -> None:
         raise NotFound("no such session")
 
 
-def session_view(session: Session, viewer_id: str, *, new: bool = False) -> dict[str, Any]:
+def session_view(
+    session: Session, viewer_id: str, availability: Availability, *, new: bool = False
+) -> dict[str, Any]:
     """A session as its owner (all workers) or a member (only itself) sees it.
+
+    The owner is not shown workers that announce an address not proven now: a host that
+    moved after it was matched is left out until its new address is proven too, so no
+    requester is sent to an address its host has not proven. (After Redis lost its data,
+    a worker the registry has no announcement of is shown, as it was proven when it
+    was matched; its next heartbeat announces it and is probed.)
 
     ``new``: the session was just created by the viewer, so it has no workers yet (its
     members are not queried).
@@ -60,9 +68,13 @@ def session_view(session: Session, viewer_id: str, *, new: bool = False) -> dict
         rows = Member.select(Member, User).join(User).where(Member.session == session.id).order_by(User.id)
         if role == "member":
             rows = rows.where(Member.user == viewer_id)
+        members = list(rows)
+        if role == "owner":
+            hidden = availability.unproven([(m.user.id, m.user.address, m.user.pub_key) for m in members])
+            members = [m for m in members if m.user.id not in hidden]
         workers = [
             {"id": m.user.id, "address": m.user.address, "pubKey": m.user.pub_key, "slots": m.slots}
-            for m in rows
+            for m in members
         ]
     return {
         "id": session.id,
@@ -132,7 +144,7 @@ class SessionsResource:
             raise Unavailable("the matchmaker queue cannot be reached; retry shortly") from None
         resp.status = falcon.HTTP_202
         resp.location = f"/v1/sessions/{session.id}"
-        resp.media = session_view(session, owner, new=True)
+        resp.media = session_view(session, owner, self._availability, new=True)
 
     def _create(
         self, owner: str, body: dict[str, Any], workers: int, min_workers: int, timeout: int
@@ -189,7 +201,7 @@ class SessionsResource:
             )
         rows = list(query.order_by(Session.created_at.desc(), Session.id.desc()).limit(limit + 1))
         page = rows[:limit]
-        body: dict[str, Any] = {"sessions": [session_view(s, user_id) for s in page]}
+        body: dict[str, Any] = {"sessions": [session_view(s, user_id, self._availability) for s in page]}
         if len(rows) > limit:
             body["next"] = f"{page[-1].created_at!r}:{page[-1].id}"
         resp.media = body
@@ -237,7 +249,7 @@ class SessionResource:
         session = _visible(session_id, user_id)
         if wait > 0 and session.status == since:
             session = self._bounded_poll(session, user_id, wait, since)
-        resp.media = session_view(session, user_id)
+        resp.media = session_view(session, user_id, self._availability)
 
     def _bounded_poll(self, session: Session, user_id: str, wait: float, since: str) -> Session:
         """Long-poll within the account's cap (429) and this process's share of threads

@@ -63,6 +63,9 @@ if old ~= bucket then
   end
   redis.call('HINCRBY', 'cb:bucket-peers', bucket, 1)
 end
+-- A new address or key expires the proof of the old one: moving back later is
+-- probed again (the old address may belong to someone else by then).
+if redis.call('HGET', pkey, 'subject') ~= subject then redis.call('HDEL', pkey, 'proof') end
 redis.call('HSET', pkey, 'total', total, 'address', ARGV[3], 'pubKey', ARGV[4],
            'runtime', ARGV[5], 'bucket', bucket, 'subject', subject)
 local held = tonumber(redis.call('HGET', pkey, 'held') or '0')
@@ -394,6 +397,25 @@ class Registry:
             subject = self.conn.hget(keys.peer(_s(uid)), "probe")
             if subject:
                 out[_s(uid)] = _s(subject)
+        return out
+
+    def unproven(self, workers: Iterable[tuple[str, str, str]]) -> set[str]:
+        """Which of ``(peer id, address, pubKey)`` the registry knows to announce an
+        address or key not proven now (one round trip, whatever their number).
+
+        A peer the registry holds no announcement of (Redis lost its data and the peer
+        has not announced since) is not counted: it was proven when it was matched, and
+        its next announcement, which comes with its next heartbeat, is probed again.
+        """
+        workers = list(workers)
+        pipe = self.conn.pipeline(transaction=False)
+        for user_id, _, _ in workers:
+            pipe.hmget(keys.peer(user_id), ["subject", "proof"])
+        rows = pipe.execute()
+        out = set()
+        for (user_id, address, pub_key), (subject, proof) in zip(workers, rows, strict=True):
+            if subject is not None and (proof is None or _s(proof) != proof_subject(address, pub_key)):
+                out.add(user_id)
         return out
 
     def buckets(self) -> list[str]:

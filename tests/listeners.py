@@ -23,10 +23,11 @@ class Listener:
     """A loopback TCP listener whose accept loop runs ``handle`` on each connection,
     counting connections (``hits``)."""
 
-    def __init__(self, handle: Callable[[socket.socket], None]) -> None:
+    def __init__(self, handle: Callable[[socket.socket], None], port: int = 0) -> None:
         self._handle = handle
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
@@ -52,15 +53,16 @@ class Listener:
         wire.close_quietly(self.sock)
 
 
-def responder(sign: probe.Signer) -> Listener:
-    """A host that answers probes (``peer.probe.answer``) with ``sign``."""
+def responder(sign: probe.Signer, port: int = 0) -> Listener:
+    """A host that answers probes (``peer.probe.answer``) with ``sign``, on ``port``
+    (default: a free one)."""
 
     def handle(conn: socket.socket) -> None:
         kind, payload = wire.read_frame(conn, max_frame=wire.JSON_LIMIT)
         if kind is Kind.PROBE:
             probe.answer(conn, payload, sign)
 
-    return Listener(handle)
+    return Listener(handle, port)
 
 
 def victim() -> Listener:

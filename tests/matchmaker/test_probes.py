@@ -117,6 +117,51 @@ def test_another_accounts_host_does_not_prove_the_attackers_address(client, run_
     assert [w["id"] for w in session["workers"]] == [honest["id"]]
 
 
+def test_a_host_that_moves_after_its_match_is_not_shown_at_the_new_address(client, run_matchmaker):
+    """Proven, matched, then the account announces a victim's address: the requester's
+    view of the session leaves that worker out, the old proof expires, and moving back
+    is probed again before the worker is shown again."""
+    peer = signup(client)
+    home = listeners._OPEN[-1]
+    offer(client, peer["token"], 1)
+    requester = signup(client)
+    sid = request_pool(client, requester["token"], 1)["id"]
+    run_matchmaker()
+    assert [w["address"] for w in _session(client, requester["token"], sid)["workers"]] == [home.address]
+    victim = listeners.victim()
+    _move(client, peer, victim.address)
+    run_matchmaker()
+    session = _session(client, requester["token"], sid)
+    assert session["status"] == "matched" and session["workers"] == [] and session["slots"] == 0
+    listed = client.get("/v1/sessions", headers=auth(requester["token"])).json["sessions"]
+    assert [s["workers"] for s in listed if s["id"] == sid] == [[]]
+    assert victim.hits == 1
+    _move(client, peer, home.address)
+    assert _proof(client, peer)["state"] == "probing"  # the earlier proof expired with the move
+    run_matchmaker()
+    assert home.hits == 2
+    assert [w["address"] for w in _session(client, requester["token"], sid)["workers"]] == [home.address]
+
+
+def test_a_failed_host_is_probed_again_when_it_sets_its_jobs_not_on_heartbeats(client, run_matchmaker):
+    """A host whose daemon was not listening when probed is proven once it announces
+    its slots again (as ``serve`` does when it starts); heartbeats never retry."""
+    peer = signup(client)
+    listeners._OPEN.pop().close()  # the host's machine is not answering yet
+    port = int(peer["address"].rsplit(":", 1)[1])
+    offer(client, peer["token"], 1)
+    run_matchmaker()
+    assert _proof(client, peer)["state"] == "failed"
+    host = listeners.responder(KEYS[peer["id"]].sign, port=port)  # now it is
+    for _ in range(3):
+        client.post("/v1/users/me/heartbeat", headers=auth(peer["token"]))
+        run_matchmaker()
+    assert host.hits == 0 and _proof(client, peer)["state"] == "failed"
+    offer(client, peer["token"], 1)
+    run_matchmaker()
+    assert host.hits == 1 and _proof(client, peer)["state"] == "proven"
+
+
 def test_a_host_signing_with_a_different_key_is_not_proven(client, run_matchmaker):
     peer = signup(client)
     impostor = listeners.responder(ed25519.Ed25519PrivateKey.generate().sign)
