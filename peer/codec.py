@@ -200,7 +200,8 @@ def loads_data(buffers: Sequence[Buffer], *, trusted: bool) -> Any:
     if flag == DATA:
         return datacodec.loads(buffers[1:], trusted=trusted)
     if flag == CODE:
-        name = bytes(buffers[1][:_NAME_LIMIT]).decode("utf-8", "replace")
+        raw = bytes(buffers[1][:_NAME_LIMIT]).decode("utf-8", "replace")
+        name = "".join(c if c.isprintable() else "?" for c in raw)  # the peer chose it
         if not trusted:
             raise UnsafeResultError(
                 f"the result holds a {name}, which cannot travel as data and would have to be "

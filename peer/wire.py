@@ -48,7 +48,7 @@ class Kind(IntEnum):
     REFUSE = 3  # JSON: refused, with a reason; the sender then closes
     FUNC = 4  # buffers: code id, dill-pickled function
     TASK = 5  # buffers: task/code id, then codec.dumps_data((args, kwargs))
-    RESULT = 6  # buffers: task id or metadata, then codec.dumps_data(result)
+    RESULT = 6  # buffers: task id or metadata, then codec.dumps_result(result)
     ERROR = 7  # JSON: codec.format_exception(...) plus identifiers
     SHARE = 8  # buffers: a tracked object sent once
     DELTA = 9  # buffers: changes to a shared tracked object

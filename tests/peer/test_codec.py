@@ -260,6 +260,12 @@ def test_untrusted_decoder_refuses_code(tmp_path: Path, name: str) -> None:
     assert not target.exists()
 
 
+def test_a_peer_chosen_type_name_is_printable_in_the_refusal() -> None:
+    with pytest.raises(UnsafeResultError) as caught:
+        codec.loads_data([codec.CODE, b"x\n\x1b[31mfake log line", codec.PICKLE, b"."], trusted=False)
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+
+
 def test_refusal_names_the_type() -> None:
     buffers = codec.dumps_result([1, Reducer(os.system, "true")])
     with pytest.raises(UnsafeResultError, match=r"test_codec\.Reducer"):
