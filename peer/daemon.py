@@ -14,6 +14,9 @@ Threads, each with one job:
 - the heartbeat thread tells the broker every few seconds that the peer is alive.
 
 The daemon never unpickles: task data and results pass through as opaque buffers.
+Every frame a requester sends is charged, from its header and before its body is read,
+to its session's and the daemon's byte budget (`peer.budget`): one session cannot grow
+the daemon past its share however many connections it opens.
 """
 
 from __future__ import annotations

@@ -278,3 +278,17 @@ def test_a_task_larger_than_the_session_budget_fails_clearly(
             pool.submit(len, b"x" * (SESSION_MIB + 8) * 2**20).result(60)
         assert pool.submit(len, b"x" * 2**20).result(30) == 2**20
         assert pool.rerun == 0
+
+
+def test_an_honest_job_bigger_than_the_session_budget_still_runs(
+    stack, requester: Path, budget_peer: PeerProcess
+):
+    """Backpressure, not failure: 16 tasks of 6 MiB submitted at once (the pool keeps 8
+    in flight, 48 MiB, over the session's 32 MiB) all complete, none re-run, and
+    nothing is left held."""
+    with Pool(1, home=requester, broker=stack.url, timeout=20) as pool:
+        blobs = [bytes([n]) * 6 * 2**20 for n in range(16)]
+        futures = [pool.submit(len, blob) for blob in blobs]
+        assert [f.result(60) for f in futures] == [6 * 2**20] * 16
+        assert pool.rerun == 0
+    budget_peer.wait_for("0.0 of 48 MiB in all", timeout=20)
