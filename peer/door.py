@@ -203,8 +203,10 @@ class FrontDoor(Generic[T]):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE and friends: say so and keep serving the connections we have.
+                # EMFILE and friends: say so and keep serving the connections we have;
+                # the short pause keeps a listener that stays readable from spinning.
                 log.warning("accept failed: %s", exc)
+                time.sleep(0.05)
                 return
             source, address = addr[0], f"{addr[0]}:{addr[1]}"
             full = self._gate.enter(source)

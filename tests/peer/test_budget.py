@@ -116,3 +116,29 @@ def test_serve_settings_are_positive_mib_and_consistent() -> None:
     ):
         with pytest.raises(PeerError, match=message):
             ServeSettings.from_env(bad)
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "message"),
+    [
+        (["--session-mib", "0"], 2, "--session-mib must be a positive number of MiB, got 0"),
+        (["--held-mib", "lots"], 2, "--held-mib must be a whole number of MiB, got 'lots'"),
+        (
+            ["--session-mib", "3000"],
+            1,
+            "per-session budget (3000 MiB) must not exceed the daemon's (2048 MiB)",
+        ),
+    ],
+)
+def test_serve_refuses_bad_budgets_in_one_line(tmp_path, argv, status, message) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "peer", "--home", str(tmp_path), "serve", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == status
+    assert message in result.stderr and "Traceback" not in result.stderr
