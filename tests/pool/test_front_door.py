@@ -99,7 +99,8 @@ def _flood(address: str, cycles: int, workers: int = 4) -> None:
 def test_connect_close_cycles_leave_threads_and_memory_flat(stack, requester: Path, own_peer: PeerProcess):
     """20,000 stranger connections (closed, reset, garbage, half a hello) leave the
     daemon's OS threads within 2 of where they were, at no point more than 3 over,
-    and its RSS within 4 MiB; the session's requester runs tasks throughout."""
+    and its RSS within 4 MiB; the session's requester runs tasks throughout and opens
+    fresh connections (full handshakes) meanwhile."""
     pid = own_peer.process.proc.pid
     with Pool(1, home=requester, broker=stack.url, timeout=20) as pool:
         assert pool.submit(abs, -1).result(30) == 1
@@ -109,16 +110,25 @@ def test_connect_close_cycles_leave_threads_and_memory_flat(stack, requester: Pa
         peak = [before["threads"]]
         stop = threading.Event()
         served: list[float] = []
+        joined: list[float] = []
 
         def sample() -> None:
             while not stop.wait(0.02):
                 peak.append(proc_status(pid)["threads"])
 
+        key = _worker_key(pool)
+
         def work() -> None:
+            from peer.channel import connect
+
             while not stop.is_set():
                 started = time.monotonic()
                 assert pool.submit(abs, -7).result(30) == 7
                 served.append(time.monotonic() - started)
+                if len(served) % 10 == 0:  # and the requester gets in afresh
+                    started = time.monotonic()
+                    connect(own_peer.address, pool.identity, pool.session_id, key).close()
+                    joined.append(time.monotonic() - started)
                 time.sleep(0.05)
 
         helpers = [threading.Thread(target=sample), threading.Thread(target=work)]
@@ -139,12 +149,14 @@ def test_connect_close_cycles_leave_threads_and_memory_flat(stack, requester: Pa
     print(
         f"\n{CYCLES} cycles in {flood_seconds:.1f} s; threads {before['threads']} -> {after['threads']} "
         f"(peak {max(peak)}); RSS {before['rss'] / 2**20:.1f} -> {after['rss'] / 2**20:.1f} MiB; "
-        f"{len(served)} tasks served meanwhile, slowest {max(served, default=0) * 1000:.0f} ms"
+        f"{len(served)} tasks served meanwhile, slowest {max(served, default=0) * 1000:.0f} ms; "
+        f"{len(joined)} fresh handshakes, slowest {max(joined, default=0) * 1000:.0f} ms"
     )
     assert after["threads"] <= before["threads"] + 2
     assert max(peak) <= before["threads"] + 3
     assert growth < 4 * 2**20
     assert len(served) >= 5 and max(served) < 5
+    assert joined and max(joined) < 5
 
 
 SESSION_MIB, HELD_MIB = 32, 48
