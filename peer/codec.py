@@ -226,7 +226,7 @@ def format_exception(exc: BaseException) -> dict[str, str]:
 
     A pickled exception would make the requester unpickle peer-chosen objects, and
     its class may not exist on the requester; a name, message and traceback do not.
-    A builtin exception's args go along as `peer.datacodec` data (base64).
+    The exception's args go along as `peer.datacodec` data (base64) when they are data.
     Long messages and tracebacks are cut so the result fits a bounded JSON frame.
     """
     cls = type(exc)
@@ -234,8 +234,8 @@ def format_exception(exc: BaseException) -> dict[str, str]:
     message = _clip(str(exc), _MESSAGE_LIMIT, keep_end=False)
     text = "".join(traceback.format_exception(exc))
     info = {"type": type_name, "message": message, "traceback": _clip(text, _TRACEBACK_LIMIT, keep_end=True)}
-    if cls.__module__ == "builtins" and (args := datacodec.error_args(exc)):
-        info["args"] = args  # so the requester rebuilds the builtin type with them
+    if args := datacodec.error_args(exc):
+        info["args"] = args  # so the requester rebuilds a builtin or its own type with them
     return info
 
 

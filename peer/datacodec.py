@@ -350,8 +350,10 @@ def error_args(exc: BaseException) -> str:
 def task_error(info: dict[str, Any]) -> TaskError:
     """The exception a task raised, from its ERROR message (requester side).
 
-    A builtin type comes back as itself too (``except KeyError:`` works) with its
-    args, when they arrived as valid data, and the remote traceback as ``__cause__``.
+    A builtin type, or an exception class of the requester's own code (found as
+    `_own_class` finds dataclasses), comes back as itself too (``except KeyError:``
+    works) with its args, when they arrived as valid data, and the remote traceback as
+    ``__cause__``.
     """
     error = TaskError.from_dict(info)
     args: list[Any] | None = None
@@ -361,7 +363,10 @@ def task_error(info: dict[str, Any]) -> TaskError:
         except (DataError, ValueError):
             decoded = None
         args = decoded if type(decoded) is list else None
-    return remote_error(error.type_name, error.message, error.traceback_text, args, error.encoded_args)
+    base = None if error.type_name in vars(builtins) else own_exception_class(error.type_name)
+    return remote_error(
+        error.type_name, error.message, error.traceback_text, args, error.encoded_args, base=base
+    )
 
 
 def _oob_index(encoder: _Encoder) -> bytes:
@@ -630,25 +635,57 @@ class _Decoder:
             return cls
         module_name, _, qualname = name.partition(":")
         kind = {_DATACLASS: "dataclass", _NAMEDTUPLE: "NamedTuple", _ENUM: "Enum"}[code]
-        module = sys.modules.get(module_name)
-        found: Any = module
-        for part in qualname.split("."):
-            space = getattr(found, "__dict__", None) if found is not None else None
-            found = space.get(part) if isinstance(space, dict | type(type.__dict__)) else None
-        if module is None or not isinstance(found, type):
-            raise DataError(
-                f"the result holds a {kind} {name!r}, which is not a class this process has loaded"
+        return _own_class(module_name, qualname, kind, lambda cls: _is_kind(code, cls), self.trusted)
+
+
+def _own_class(
+    module_name: str, qualname: str, kind: str, is_kind: Callable[[type], bool], trusted: bool
+) -> type:
+    """The class ``module_name:qualname`` of this process, or DataError.
+
+    Looked up only in modules already imported, through their and their classes'
+    ``__dict__`` (no module ``__getattr__`` runs, nothing is imported); the object
+    found must be a class of exactly that name (not an alias or a function) and of
+    the kind asked for, from the requester's own code unless ``trusted``.
+    """
+    name = f"{module_name}:{qualname}"
+    module = sys.modules.get(module_name)
+    found: Any = module
+    for part in qualname.split("."):
+        space = getattr(found, "__dict__", None) if found is not None else None
+        found = space.get(part) if isinstance(space, dict | type(type.__dict__)) else None
+    if module is None or not isinstance(found, type):
+        raise DataError(f"the result holds a {kind} {name!r}, which is not a class this process has loaded")
+    if found.__module__ != module_name or found.__qualname__ != qualname:
+        raise DataError(f"{name!r} names {found.__module__}:{found.__qualname__}, not itself")
+    if not is_kind(found):
+        raise DataError(f"{name!r} is not a {kind}")
+    if not trusted and _is_library(module):
+        raise DataError(
+            f"{name!r} belongs to an installed library, not the requester's own code; "
+            "pass trust_results=True to rebuild library classes"
+        )
+    return found
+
+
+def own_exception_class(type_name: str, *, trusted: bool = False) -> type[Exception] | None:
+    """The requester's own exception class named ``module.qualname`` (as
+    `codec.format_exception` names it), or None. Tries each split of the dotted name
+    into an already-imported module and a qualified name within it."""
+    if len(type_name) > _NAME_LIMIT:
+        return None
+    parts = type_name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name, qualname = ".".join(parts[:cut]), ".".join(parts[cut:])
+        if module_name not in sys.modules:
+            continue
+        try:
+            return _own_class(
+                module_name, qualname, "exception", lambda cls: issubclass(cls, Exception), trusted
             )
-        if found.__module__ != module_name or found.__qualname__ != qualname:
-            raise DataError(f"{name!r} names {found.__module__}:{found.__qualname__}, not itself")
-        if not _is_kind(code, found):
-            raise DataError(f"{name!r} is not a {kind}")
-        if not self.trusted and _is_library(module):
-            raise DataError(
-                f"{name!r} belongs to an installed library, not the requester's own code; "
-                "pass trust_results=True to rebuild library classes"
-            )
-        return found
+        except DataError:
+            return None
+    return None
 
 
 def _is_kind(code: int, cls: type) -> bool:

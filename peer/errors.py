@@ -115,16 +115,19 @@ def remote_error(
     traceback_text: str = "",
     args: Sequence[Any] | None = None,
     encoded_args: str = "",
+    *,
+    base: type[Exception] | None = None,
 ) -> TaskError:
     """The exception to raise for a remote failure.
 
-    For a builtin exception type (looked up by name in the builtins table only): an
-    instance of a subclass of TaskError and that type, with ``args`` (the remote
+    For a builtin exception type (looked up by name in the builtins table only), or
+    ``base`` (a class of the requester's own that the caller found): an instance of
+    a subclass of TaskError and that type, with ``args`` (the remote
     exception's, when they were data; else the message) and the remote traceback as
     its ``__cause__``, as `concurrent.futures.ProcessPoolExecutor` does. Anything else
     is a plain TaskError carrying the type name, message and traceback.
     """
-    builtin = vars(builtins).get(type_name)
+    builtin = base if base is not None else vars(builtins).get(type_name)
     cls = _remote_type(builtin) if type_name not in _NOT_REBUILT else None
     if cls is None or builtin is None:
         return TaskError(type_name, message, traceback_text, encoded_args=encoded_args)
@@ -140,7 +143,8 @@ def remote_error(
 
 
 def _remote_type(builtin: Any) -> type[TaskError] | None:
-    """``RemoteValueError(TaskError, ValueError)`` and the like, made once per type."""
+    """``RemoteValueError(TaskError, ValueError)`` and the like, made once per type
+    (the cache holds builtins and the requester's own exception classes only)."""
     if not (isinstance(builtin, type) and issubclass(builtin, Exception)) or issubclass(builtin, TaskError):
         return None
     cls = _REMOTE_TYPES.get(builtin)

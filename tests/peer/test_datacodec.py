@@ -511,6 +511,33 @@ def test_builtin_task_errors_are_their_own_type_and_task_errors() -> None:
         raise error
 
 
+class OwnError(LookupError):
+    """An exception class of the requester's own code."""
+
+    def __init__(self, key: str, tries: int) -> None:
+        super().__init__(key, tries)
+        self.key = key
+
+
+def test_the_requesters_own_exception_classes_come_back_as_themselves() -> None:
+    from peer.errors import TaskError
+
+    error = datacodec.task_error(raised(OwnError("k", 3)))
+    assert isinstance(error, OwnError) and isinstance(error, TaskError)
+    assert error.args == ("k", 3) and error.key == "k"
+    assert error.type_name == f"{ME}.OwnError"
+
+
+@pytest.mark.parametrize(
+    "type_name",
+    ["json.decoder.JSONDecodeError", f"{ME}.Point", f"{ME}.make_point", f"{ME}.Nope", "no.such.module.Error"],
+)
+def test_library_and_non_exception_names_stay_plain_task_errors(type_name: str) -> None:
+    from peer.errors import TaskError
+
+    assert type(datacodec.task_error({"type": type_name, "message": "m"})) is TaskError
+
+
 def test_oserror_from_a_task_keeps_errno_and_filename() -> None:
     error = datacodec.task_error(raised(FileNotFoundError(2, "No such file", "/nowhere")))
     assert isinstance(error, FileNotFoundError) and error.errno == 2 and error.filename == "/nowhere"

@@ -146,8 +146,13 @@ def test_long_remote_error_messages_arrive_intact(make_pool):
         assert pool.rerun == 0
 
 
+class QuotaExceeded(Exception):
+    """An exception class of the requester's own code."""
+
+
 def test_builtin_exceptions_arrive_as_their_own_type_with_the_remote_traceback(make_pool):
-    """``except ValueError:`` works as with ProcessPoolExecutor; TaskError still catches."""
+    """``except ValueError:`` works as with ProcessPoolExecutor, and so does catching
+    the requester's own exception classes; TaskError still catches them all."""
     from peer.errors import RemoteTraceback
 
     def fails(kind):
@@ -155,6 +160,8 @@ def test_builtin_exceptions_arrive_as_their_own_type_with_the_remote_traceback(m
             raise ValueError("bad value", 3)
         if kind == "file":
             open("/nonexistent/file")
+        if kind == "own":
+            raise QuotaExceeded("disk", 3)
         raise RuntimeError("custom")
 
     with make_pool(1) as pool:
@@ -169,8 +176,11 @@ def test_builtin_exceptions_arrive_as_their_own_type_with_the_remote_traceback(m
         with pytest.raises(FileNotFoundError) as caught:
             pool.submit(fails, "file").result(30)
         assert caught.value.filename == "/nonexistent/file" and caught.value.errno == 2
-        with pytest.raises(TaskError, match="RuntimeError: custom"):
+        with pytest.raises(RuntimeError, match="RuntimeError: custom"):
             pool.submit(fails, "runtime").result(30)
+        with pytest.raises(QuotaExceeded) as own:
+            pool.submit(fails, "own").result(30)
+        assert isinstance(own.value, TaskError) and own.value.args == ("disk", 3)
 
 
 @dataclasses.dataclass
