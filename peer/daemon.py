@@ -321,9 +321,14 @@ class WorkQueue:
             queue = self._queues.get(conn.session_id)
             if not queue:
                 return []
+            sid = conn.session_id
             kept = deque(w for w in queue if w.conn is not conn)
             dropped = [w for w in queue if w.conn is conn]
-            self._queues[conn.session_id] = kept
+            self._queues[sid] = kept
+            if not kept and not self._running.get(sid, 0):  # forget the session, as `done` would
+                self._running.pop(sid, None)
+                del self._queues[sid], self._limits[sid]
+                self._order.remove(sid)
             return dropped
 
     def wake(self) -> None:
