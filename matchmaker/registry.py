@@ -5,7 +5,8 @@ matchmakers run: a slot is never given twice, and no read-then-write race exists
 Peers are indexed per runtime bucket in a sorted set of those with free slots, so a
 reservation touches about as many entries as it needs slots, whether 100 or 100,000
 peers are available. Stale peers are dropped from the index lazily when met and come
-back with their next heartbeat.
+back with their next heartbeat. Only peers whose announced address and key are proven
+(``matchmaker.probes``) are in the index at all, so proof costs a reservation nothing.
 
 Every script refuses to write while the ``epoch`` marker is missing (Redis lost its
 data); callers then run ``rebuild`` from the database and retry.

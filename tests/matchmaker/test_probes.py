@@ -254,3 +254,17 @@ def test_names_are_resolved_once_and_the_checked_ip_is_what_gets_dialled():
         resolve("localhost:8080", private_ok=False)
     with pytest.raises(ProbeRefused):
         resolve("no-such-host.invalid:1", private_ok=True)
+
+
+def test_probe_settings_come_from_the_environment_and_private_ranges_are_off_by_default():
+    from broker_api.settings import Settings
+
+    default = MatchmakerSettings.from_env({})
+    assert (default.probe_private, default.probe_timeout) == (False, 2.0)
+    assert (default.probes_per_account, default.probes_per_target, default.probe_window) == (10, 2, 60)
+    assert MatchmakerSettings.from_env({"PROBE_PRIVATE_ADDRESSES": "on"}).probe_private
+    assert Settings.from_env({"PROBE_TIMEOUT": "0.5"}).probe_timeout == 0.5
+    with pytest.raises(ValueError, match="PROBE_PRIVATE_ADDRESSES"):
+        Settings.from_env({"PROBE_PRIVATE_ADDRESSES": "maybe"})
+    with pytest.raises(ValueError, match="PROBE_TIMEOUT"):
+        Settings.from_env({"PROBE_TIMEOUT": "soon"})
