@@ -21,7 +21,6 @@ session whose bytes fit.
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,8 +51,8 @@ class Budget:
         if not 0 < per_session or not 0 < total:
             raise ValueError("byte budgets must be positive")
         self.per_session, self.total = per_session, total
-        self._held: Counter[str] = Counter()
-        self._draining: Counter[str] = Counter()
+        self._held: dict[str, int] = {}
+        self._draining: dict[str, int] = {}
         self._all = 0
         self._all_draining = 0
         self._waiters: list[_Waiter] = []
@@ -78,7 +77,7 @@ class Budget:
                 now has run; nothing is charged.
         """
         with self._cond:
-            if self._fits(session, size) and not self._waiters:
+            if not self._waiters and self._fits(session, size):  # the common case, kept cheap
                 self._take(session, size, draining)
                 return
             waiter = _Waiter(session, size)
@@ -101,15 +100,19 @@ class Budget:
         if size <= 0:
             return
         with self._cond:
-            self._held[session] -= size
+            left = self._held.get(session, 0) - size
+            if left > 0:
+                self._held[session] = left
+            else:
+                self._held.pop(session, None)
             self._all -= size
             if draining:
-                self._draining[session] -= size
                 self._all_draining -= size
-                if self._draining[session] <= 0:
-                    del self._draining[session]
-            if self._held[session] <= 0:
-                del self._held[session]
+                left = self._draining.get(session, 0) - size
+                if left > 0:
+                    self._draining[session] = left
+                else:
+                    self._draining.pop(session, None)
             if self._waiters:
                 self._cond.notify_all()
 
@@ -135,13 +138,13 @@ class Budget:
 
     # -- under the lock -----------------------------------------------------------
     def _fits(self, session: str, size: int) -> bool:
-        return self._held[session] + size <= self.per_session and self._all + size <= self.total
+        return self._held.get(session, 0) + size <= self.per_session and self._all + size <= self.total
 
     def _first_fitting(self) -> _Waiter | None:
         """The earliest waiter whose own session has room: next in line for the daemon's
         budget. A waiter held back by its own session's cap does not block others."""
         for waiter in self._waiters:
-            if self._held[waiter.session] + waiter.size <= self.per_session:
+            if self._held.get(waiter.session, 0) + waiter.size <= self.per_session:
                 return waiter
         return None
 
@@ -156,9 +159,10 @@ class Budget:
                 f"a frame of {size / MIB:.1f} MiB exceeds the daemon's budget of "
                 f"{self.total / MIB:.0f} MiB (serve --held-mib)"
             )
-        if self._held[session] - self._draining[session] + size > self.per_session:
+        held = self._held.get(session, 0)
+        if held - self._draining.get(session, 0) + size > self.per_session:
             raise OverBudget(
-                f"the session holds {self._held[session] / MIB:.1f} MiB of code and shared objects; "
+                f"the session holds {held / MIB:.1f} MiB of code and shared objects; "
                 f"{size / MIB:.1f} MiB more would exceed its budget of {self.per_session / MIB:.0f} MiB"
             )
         if self._all - self._all_draining + size > self.total:
@@ -168,8 +172,8 @@ class Budget:
             )
 
     def _take(self, session: str, size: int, draining: bool) -> None:
-        self._held[session] += size
+        self._held[session] = self._held.get(session, 0) + size
         self._all += size
         if draining:
-            self._draining[session] += size
+            self._draining[session] = self._draining.get(session, 0) + size
             self._all_draining += size
