@@ -93,6 +93,8 @@ class Settings:
         probes_per_account: probes one account may cause per window.
         probes_per_target: probes the broker sends to one ``ip:port`` per window,
             whichever accounts announce it.
+        probes_per_ip: probes to all ports of one IP per window, so that many accounts
+            together cannot make the broker scan a machine's ports.
     """
 
     database_url: str
@@ -119,6 +121,7 @@ class Settings:
     probe_window: int = 60
     probes_per_account: int = 10
     probes_per_target: int = 2
+    probes_per_ip: int = 64
 
     @property
     def stale_after(self) -> int:
@@ -155,4 +158,5 @@ class Settings:
             probe_window=_int(env, "PROBE_WINDOW", 60),
             probes_per_account=_int(env, "PROBES_PER_ACCOUNT", 10),
             probes_per_target=_int(env, "PROBES_PER_TARGET", 2),
+            probes_per_ip=_int(env, "PROBES_PER_IP", 64),
         )

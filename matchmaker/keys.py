@@ -88,6 +88,11 @@ def probe_rate_target(target: str) -> str:
     return f"{PREFIX}probe-rate:target:{target}"
 
 
+def probe_rate_ip(ip: str) -> str:
+    """Counter of the probes sent to any port of one IP in the current window."""
+    return f"{PREFIX}probe-rate:ip:{ip}"
+
+
 def post_lock(user_id: str) -> str:
     """Lock held while one account's pool request is counted and created."""
     return f"{PREFIX}post-lock:{user_id}"

@@ -10,8 +10,8 @@ reflector.
 The probe itself must not be a weapon either:
 
 - one probe per new address or key (the registry asks for it once per subject);
-- rate limits per account and per target ``ip:port``, counted together in one Lua
-  script, so concurrent jobs cannot slip past them;
+- rate limits per account, per target ``ip:port`` and per IP (all its ports), counted
+  together in one Lua script, so concurrent jobs cannot slip past them;
 - names are resolved once, the resolved IP is checked, and the connection goes to that
   IP: a DNS answer that changes between check and connect cannot redirect it;
 - loopback, private, link-local, shared and reserved IPs only when the operator allows
@@ -45,15 +45,17 @@ from peer.errors import PeerError
 
 log = logging.getLogger(__name__)
 
-# Counts a probe against both limits, or neither: {0, 0} when counted, else
-# {1, seconds until the exceeded limit's window ends}.
+# Counts a probe against every limit (account, ip:port, ip), or none: {0, 0} when
+# counted, else {1, seconds until the exceeded limit's window ends}. ARGV: the limits
+# in the order of KEYS, then the window.
 _COUNT = """
-local a = tonumber(redis.call('GET', KEYS[1]) or '0')
-local t = tonumber(redis.call('GET', KEYS[2]) or '0')
-if a >= tonumber(ARGV[1]) then return {1, redis.call('TTL', KEYS[1])} end
-if t >= tonumber(ARGV[2]) then return {1, redis.call('TTL', KEYS[2])} end
+for i, k in ipairs(KEYS) do
+  if tonumber(redis.call('GET', k) or '0') >= tonumber(ARGV[i]) then
+    return {1, redis.call('TTL', k)}
+  end
+end
 for _, k in ipairs(KEYS) do
-  if redis.call('INCR', k) == 1 then redis.call('EXPIRE', k, ARGV[3]) end
+  if redis.call('INCR', k) == 1 then redis.call('EXPIRE', k, ARGV[#KEYS + 1]) end
 end
 return {0, 0}
 """
@@ -157,8 +159,12 @@ class Prober:
             return Outcome(ProofState.FAILED, str(exc))
         ip, port = target
         limited, ttl = self._count(
-            keys=[keys.probe_rate_account(user_id), keys.probe_rate_target(f"{ip}:{port}")],
-            args=[s.probes_per_account, s.probes_per_target, s.probe_window],
+            keys=[
+                keys.probe_rate_account(user_id),
+                keys.probe_rate_target(f"{ip}:{port}"),
+                keys.probe_rate_ip(ip),
+            ],
+            args=[s.probes_per_account, s.probes_per_target, s.probes_per_ip, s.probe_window],
         )
         if int(limited):
             wait = max(1, int(ttl))

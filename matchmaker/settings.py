@@ -26,6 +26,7 @@ class Settings:
     probe_window: int = 60
     probes_per_account: int = 10
     probes_per_target: int = 2
+    probes_per_ip: int = 64
 
     @property
     def stale_after(self) -> int:
@@ -44,4 +45,5 @@ class Settings:
             probe_window=api.probe_window,
             probes_per_account=api.probes_per_account,
             probes_per_target=api.probes_per_target,
+            probes_per_ip=api.probes_per_ip,
         )

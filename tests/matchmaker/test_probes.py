@@ -216,6 +216,18 @@ def test_probes_per_target_are_limited_across_accounts(settings, env, conn, run_
     assert states == ["failed", "limited", "limited", "limited"]
 
 
+def test_probes_per_ip_hold_across_ports_and_accounts(settings, env, conn, run_matchmaker):
+    """Many accounts announcing many ports of one machine cannot make the broker scan it."""
+    client = _client(settings, env, conn, probes_per_ip=3, probe_window=60)
+    victims = [listeners.victim() for _ in range(5)]  # five ports of 127.0.0.1
+    for victim in victims:
+        attacker = signup(client)
+        _move(client, attacker, victim.address)
+        offer(client, attacker["token"], 4)
+        run_matchmaker()
+    assert sum(v.hits for v in victims) == 3
+
+
 def test_a_silent_host_costs_the_prober_one_short_timeout(settings, env, conn, run_matchmaker):
     client = _client(settings, env, conn, probe_timeout=0.5)
     silent = listeners.victim()  # takes the connection, never answers
@@ -261,7 +273,13 @@ def test_probe_settings_come_from_the_environment_and_private_ranges_are_off_by_
 
     default = MatchmakerSettings.from_env({})
     assert (default.probe_private, default.probe_timeout) == (False, 2.0)
-    assert (default.probes_per_account, default.probes_per_target, default.probe_window) == (10, 2, 60)
+    limits = (
+        default.probes_per_account,
+        default.probes_per_target,
+        default.probes_per_ip,
+        default.probe_window,
+    )
+    assert limits == (10, 2, 64, 60)
     assert MatchmakerSettings.from_env({"PROBE_PRIVATE_ADDRESSES": "on"}).probe_private
     assert Settings.from_env({"PROBE_TIMEOUT": "0.5"}).probe_timeout == 0.5
     with pytest.raises(ValueError, match="PROBE_PRIVATE_ADDRESSES"):
