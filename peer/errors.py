@@ -170,10 +170,11 @@ class SandboxError(PeerError):
 
 
 class UnsafeResultError(PeerError):
-    """The default (data-only) decoder refused a pickle.
+    """A result from an untrusted peer would have to be unpickled, so it is refused.
 
-    Raised when a result references a global outside the allow-list, or was encoded
-    with dill, which can only be loaded by a requester that trusts the peer.
+    Raised, naming the type, for a result that could not travel as data (the sandbox
+    then pickles it), and for any bare pickle; only a requester that trusts its
+    peers (``Pool(trust_results=True)``) unpickles them.
     """
 
 
