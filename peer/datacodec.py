@@ -296,7 +296,7 @@ class _Encoder:
         scalar = isinstance(obj, numpy.generic)
         arr = numpy.asarray(obj)
         dtype = arr.dtype
-        if dtype.hasobject:
+        if dtype.hasobject or not _plain(dtype):
             raise Unrepresentable(f"numpy array of dtype {dtype}", "Python objects are not data")
         flags = _IS_SCALAR if scalar else 0
         if dtype.fields is not None or dtype.subdtype is not None:
@@ -885,9 +885,23 @@ def _dtype(numpy: Any, spec: bytes, *, structured: bool) -> Any:
         raise
     except Exception as exc:
         raise DataError(f"bad numpy dtype: {exc}") from None
-    if not isinstance(dtype, numpy.dtype) or dtype.hasobject:
-        raise DataError("numpy arrays of Python objects are not data")
+    if not isinstance(dtype, numpy.dtype) or dtype.hasobject or not _plain(dtype):
+        raise DataError(f"numpy dtype {dtype} holds Python objects or pointers: not data")
     return dtype
+
+
+#: numpy's classic kinds of fixed-size values (bool, ints, floats, complex, datetimes,
+#: bytes, unicode, void). New-style dtypes (StringDType "T", user dtypes) keep pointers.
+_PLAIN_KINDS = frozenset("biufcmMSUV")
+
+
+def _plain(dtype: Any) -> bool:
+    """Whether ``dtype`` and every field and subarray in it is of a classic kind."""
+    if dtype.kind not in _PLAIN_KINDS:
+        return False
+    if dtype.subdtype is not None:
+        return _plain(dtype.subdtype[0])
+    return all(_plain(field[0]) for field in (dtype.fields or {}).values())
 
 
 def _tuples(descr: Any) -> Any:

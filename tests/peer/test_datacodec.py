@@ -347,6 +347,7 @@ HOSTILE: dict[str, list[bytes]] = {
     "msgpack's own negative extension": [b"\xd4\xfbx"],
     "numpy object dtype": [pack(array_ext("|O", (1,), b"A" * 8))],
     "numpy structured dtype holding an object": [pack(array_ext("i4,O", (1,), b"A" * 12))],
+    "numpy StringDType (pointers)": [pack(array_ext("T", (1,), b"A" * 16))],
     "numpy void scalar of 2 GiB": [pack(array_ext("|V2147483648", (), b"x" * 8, datacodec._IS_SCALAR))],
     "numpy shape beyond its bytes": [pack(array_ext("<f8", (1 << 40,), b"\x00" * 8))],
     "numpy itemsize zero": [pack(array_ext("|S0", (1 << 40,), b""))],
