@@ -749,9 +749,17 @@ def _build_exception(decoder: _Decoder, marker: _Marker, items: list[Any]) -> An
 
 
 def _build_enum(decoder: _Decoder, marker: _Marker, items: list[Any]) -> Any:
+    cls = marker.cls
     if len(items) != 2:
-        raise DataError(f"bad value for Enum {marker.cls.__qualname__}")
-    return _call(marker.cls, (items[1],), {})
+        raise DataError(f"bad value for Enum {cls.__qualname__}")
+    value = items[1]
+    if issubclass(cls, enum.Flag) and value not in cls._value2member_map_:
+        # A Flag caches a new pseudo-member for every combination it is asked for:
+        # only combinations of its own bits, so no result grows that cache unboundedly.
+        mask = getattr(cls, "_flag_mask_", None)
+        if type(value) is not int or not isinstance(mask, int) or value & ~mask:
+            raise DataError(f"{value!r:.40} is not a combination of {cls.__qualname__}'s flags")
+    return _call(cls, (value,), {})
 
 
 def _call(cls: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:

@@ -71,6 +71,12 @@ class Level(enum.IntEnum):
     HIGH = 2
 
 
+class Perm(enum.Flag):
+    R = 4
+    W = 2
+    X = 1
+
+
 class Outer:
     @dataclasses.dataclass
     class Inner:
@@ -150,6 +156,7 @@ VALUES = [
     Pair(1, Pair("nested", [Point(2)])),
     Color.BLUE,
     Level.HIGH,
+    Perm.R | Perm.X,
     {Color.RED: Level.LOW, Frozen("k", datetime.date(2021, 1, 1)): Pair(1, 2)},
 ]
 
@@ -394,6 +401,7 @@ HOSTILE: dict[str, list[bytes]] = {
     "Enum of the standard library": [pack([named(datacodec._ENUM, "signal:Signals"), 2])],
     "dataclass with unknown fields": [pack([named(datacodec._DATACLASS, f"{ME}:Point"), {"evil": 1}])],
     "dataclass fields that are not a dict": [pack([named(datacodec._DATACLASS, f"{ME}:Point"), [1]])],
+    "Flag bits it does not have": [pack([named(datacodec._ENUM, f"{ME}:Perm"), 1 << 40])],
     "Enum value it does not have": [pack([named(datacodec._ENUM, f"{ME}:Color"), "green"])],
     "exception that is not builtin": [pack([named(datacodec._EXCEPTION, "os:system"), ["true"], None])],
     "exception through a dotted name": [pack([named(datacodec._EXCEPTION, "builtins.ValueError"), [], None])],
