@@ -231,7 +231,7 @@ class Slot:
                 with. None brings it fully up to date.
 
         Returns:
-            `codec.dumps_data(result)` buffers, slicing the received frame.
+            `codec.dumps_result(result)` buffers, slicing the received frame.
 
         Raises:
             TaskError: the task raised, timed out or killed its sandbox. The slot
