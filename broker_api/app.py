@@ -10,6 +10,8 @@ from broker_api.auth import AuthMiddleware, DatabaseMiddleware, TokenVersions
 from broker_api.availability import Availability
 from broker_api.challenges import Challenges
 from broker_api.health import HealthResource, OpenApiResource
+from broker_api.matching.queue import match_queue, probe_queue
+from broker_api.matching.registry import Registry
 from broker_api.models import bind_database, create_tables
 from broker_api.sessions import MembershipResource, SessionResource, SessionsResource
 from broker_api.settings import Settings
@@ -23,8 +25,6 @@ from broker_api.users import (
     TokensResource,
     UsersResource,
 )
-from matchmaker.queue import match_queue, probe_queue
-from matchmaker.registry import Registry
 
 
 def create_app(settings: Settings, *, conn: redis.Redis | None = None) -> falcon.App:

@@ -12,11 +12,11 @@ from typing import TypeVar
 
 from rq import Queue
 
+from broker_api.matching import keys, recovery
+from broker_api.matching.keys import ProofState
+from broker_api.matching.queue import enqueue_match, enqueue_probe, request_rematch
+from broker_api.matching.registry import Proof, Registry, RegistryLost
 from broker_api.models import User
-from matchmaker import keys, recovery
-from matchmaker.keys import ProofState
-from matchmaker.queue import enqueue_match, enqueue_probe, request_rematch
-from matchmaker.registry import Proof, Registry, RegistryLost
 
 T = TypeVar("T")
 

@@ -20,10 +20,10 @@ from broker_api import schemas
 from broker_api.availability import Availability
 from broker_api.bodies import read_json
 from broker_api.exceptions import Forbidden, InvalidRequest, NotFound, TooManyRequests, Unavailable
+from broker_api.matching import keys
+from broker_api.matching.keys import Status
 from broker_api.models import Member, Session, User, db
 from broker_api.settings import Settings
-from matchmaker import keys
-from matchmaker.keys import Status
 
 DEFAULT_TIMEOUT = 30
 #: Statuses a long-poll may wait on (``?since=``).

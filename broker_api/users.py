@@ -14,12 +14,12 @@ from broker_api.availability import Availability
 from broker_api.bodies import read_json
 from broker_api.challenges import Challenges, message, normalize, verify
 from broker_api.exceptions import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized
+from broker_api.matching.keys import Status
 from broker_api.models import Member, Session, User, db
 from broker_api.passwords import DUMMY_HASH, hash_password, verify_password
 from broker_api.settings import Settings
 from broker_api.throttle import LoginThrottle
 from broker_api.tokens import TokenCodec
-from matchmaker.keys import Status
 
 
 def user_view(user: User) -> dict[str, Any]:

@@ -22,10 +22,11 @@ import redis
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
+from broker_api.matching import keys, recovery
+from broker_api.matching.queue import match_queue, probe_queue
+from broker_api.matching.registry import Registry
 from broker_api.models import bind_database, create_tables
-from matchmaker import jobs, keys, recovery
-from matchmaker.queue import match_queue, probe_queue
-from matchmaker.registry import Registry
+from matchmaker import jobs
 from matchmaker.settings import Settings
 
 log = logging.getLogger("matchmaker")

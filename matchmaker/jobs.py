@@ -13,11 +13,11 @@ import time
 import peewee
 from rq import Queue, get_current_job
 
+from broker_api.matching import keys, recovery
+from broker_api.matching.keys import Status
+from broker_api.matching.queue import match_queue, schedule_deadline
+from broker_api.matching.registry import Registry, RegistryLost, runtime_bucket
 from broker_api.models import Member, Session, db
-from matchmaker import keys, recovery
-from matchmaker.keys import Status
-from matchmaker.queue import match_queue, schedule_deadline
-from matchmaker.registry import Registry, RegistryLost, runtime_bucket
 from matchmaker.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -35,10 +35,11 @@ import redis
 from rq import get_current_job
 
 from broker_api.challenges import verify
-from matchmaker import jobs, keys
-from matchmaker.keys import ProofState
-from matchmaker.queue import match_queue, request_rematch
-from matchmaker.registry import MatchmakerError, Registry, proof_subject
+from broker_api.matching import keys
+from broker_api.matching.keys import ProofState
+from broker_api.matching.queue import match_queue, request_rematch
+from broker_api.matching.registry import MatchmakerError, Registry, proof_subject
+from matchmaker import jobs
 from matchmaker.settings import Settings
 from peer import probe, wire
 from peer.errors import PeerError

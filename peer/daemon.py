@@ -48,12 +48,11 @@ from peer.errors import PeerError, ProtocolError, SandboxError, TaskError
 from peer.identity import Identity, normalize_public_key
 from peer.runtime import local_runtime
 from peer.sandbox import DEFAULT_BASE_UID, Limits, Slot
-from peer.wire import Kind
+from peer.wire import TASK_ID, Kind
 
 log = logging.getLogger("peer")
 T = TypeVar("T")
 
-TASK_ID = struct.Struct("!Q")
 OPEN = ("matched", "partial")
 #: Per connection: tasks waiting or running; functions kept. A requester's own pool
 #: keeps slots x window tasks in flight, far below these; past them a connection is cut.

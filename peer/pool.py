@@ -37,12 +37,11 @@ from peer import codec, datacodec, tracked, wire
 from peer.api import BrokerClient
 from peer.channel import connect, keepalive
 from peer.config import Account, default_broker, default_home
-from peer.daemon import TASK_ID
 from peer.errors import PeerError, ProtocolError, TaskError
 from peer.identity import Identity, normalize_public_key
 from peer.runtime import local_runtime
 from peer.tasks import Chunk
-from peer.wire import Kind
+from peer.wire import TASK_ID, Kind
 
 __all__ = ["NoWorkersError", "Pool", "PoolError", "RemoteError", "WorkerLost", "as_completed"]
 

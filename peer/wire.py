@@ -29,6 +29,9 @@ HEADER = struct.Struct("!4sBBxxQ")
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 JSON_LIMIT = 64 * 1024
 MAX_BUFFERS = 65_536
+#: A task's id, the first part of its TASK and RESULT frames (the requester and the daemon
+#: both use it; here so that the requester library need not import the daemon).
+TASK_ID = struct.Struct("!Q")
 
 # Parts smaller than this are joined before sending: one syscall for the header and
 # small pieces, while big buffers go out as they are, without a copy.

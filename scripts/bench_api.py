@@ -58,11 +58,11 @@ import redis
 import requests
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from broker_api.matching import keys
+from broker_api.matching.queue import match_queue
+from broker_api.matching.registry import Registry, runtime_bucket
 from broker_api.settings import Settings
-from matchmaker import keys
 from matchmaker.local_redis import start as start_redis
-from matchmaker.queue import match_queue
-from matchmaker.registry import Registry, runtime_bucket
 from scripts.load import answer_probes, user_body
 from scripts.stack import ROOT, LocalStack, Process, free_port, procfile, wait_http
 

@@ -59,11 +59,11 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from broker_api.matching import keys
+from broker_api.matching.queue import match_queue, probe_queue
+from broker_api.matching.registry import Registry
 from broker_api.models import Member, Session, User, bind_database, db
 from broker_api.settings import Settings
-from matchmaker import keys
-from matchmaker.queue import match_queue, probe_queue
-from matchmaker.registry import Registry
 from peer import probe, wire
 from peer.errors import PeerError
 from peer.runtime import local_runtime

@@ -23,10 +23,10 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from broker_api.app import create_app
+from broker_api.matching.queue import match_queue, probe_queue
 from broker_api.models import MODELS, bind_database, db
 from broker_api.settings import Settings
 from matchmaker import jobs
-from matchmaker.queue import match_queue, probe_queue
 from matchmaker.settings import Settings as MatchmakerSettings
 from scripts.stack import free_port
 from tests import listeners

@@ -6,7 +6,7 @@ import random
 
 from broker_api import schemas
 from broker_api.bodies import _validator
-from matchmaker.registry import Registry
+from broker_api.matching.registry import Registry
 from tests.helpers import RUNTIME, auth, offer, request_pool, signup
 
 

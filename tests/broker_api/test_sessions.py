@@ -81,7 +81,7 @@ def test_runtime_mismatch_is_skipped(client, run_matchmaker):
 
 
 def test_stale_peer_is_skipped(client, run_matchmaker, conn, settings):
-    from matchmaker import keys
+    from broker_api.matching import keys
 
     peer = signup(client)
     offer(client, peer["token"], 1)
@@ -135,7 +135,7 @@ def test_deadline_job_settles_the_session_even_when_it_fires_early(client, run_m
     deadline; it must still settle the session, or the session stays pending forever."""
     from rq.registry import ScheduledJobRegistry
 
-    from matchmaker.queue import match_queue
+    from broker_api.matching.queue import match_queue
 
     requester = signup(client)
     sid = request_pool(client, requester["token"], 2, minWorkers=1, timeout=60)["id"]
@@ -156,7 +156,7 @@ def _session_deadline(sid: str) -> float:
 
 
 def test_delete_session_frees_slots_for_the_next_request(client, run_matchmaker, conn):
-    from matchmaker.registry import Registry
+    from broker_api.matching.registry import Registry
 
     peer = signup(client)
     offer(client, peer["token"], 1)
@@ -176,7 +176,7 @@ def test_delete_session_frees_slots_for_the_next_request(client, run_matchmaker,
 
 
 def test_member_cannot_end_but_can_leave(client, run_matchmaker, conn):
-    from matchmaker.registry import Registry
+    from broker_api.matching.registry import Registry
 
     peer = signup(client)
     offer(client, peer["token"], 2)
@@ -269,7 +269,7 @@ def test_long_poll_times_out_with_unchanged_status(client):
 
 
 def test_deleting_account_frees_its_slots_and_ends_its_sessions(client, run_matchmaker, conn):
-    from matchmaker.registry import Registry
+    from broker_api.matching.registry import Registry
 
     peer_a, peer_b, requester = signup(client), signup(client), signup(client)
     offer(client, peer_a["token"], 1)

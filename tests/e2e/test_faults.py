@@ -14,8 +14,8 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from broker_api.matching.registry import Registry
 from broker_api.models import Member, Session, db
-from matchmaker.registry import Registry
 from scripts.stack import Process, free_port, wait_http
 from tests import listeners
 from tests.helpers import RUNTIME, auth, offer, signup, user_body

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from broker_api.matching.registry import Registry
 from broker_api.models import Member, Session, db
-from matchmaker.registry import Registry
 from scripts.stack import Process
 from tests.helpers import auth, offer, signup
 

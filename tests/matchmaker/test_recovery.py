@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from broker_api.matching.registry import Registry
 from broker_api.models import Member, db
-from matchmaker.registry import Registry
 from tests.helpers import auth, offer, request_pool, signup
 
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from matchmaker import keys
-from matchmaker.registry import Registry, RegistryLost, runtime_bucket
+from broker_api.matching import keys
+from broker_api.matching.registry import Registry, RegistryLost, runtime_bucket
 
 RT = {"python": "3.11.7", "dill": "0.4.1", "platform": "linux"}
 BUCKET = runtime_bucket(RT)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import redis
 
-from matchmaker import keys
+from broker_api.matching import keys
 
 
 class MatchmakerError(Exception):

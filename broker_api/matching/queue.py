@@ -9,7 +9,7 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from matchmaker import keys
+from broker_api.matching import keys
 
 
 def match_queue(conn: redis.Redis) -> Queue:

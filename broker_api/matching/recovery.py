@@ -12,11 +12,11 @@ import time
 
 from rq import Queue
 
+from broker_api.matching import keys
+from broker_api.matching.keys import Status
+from broker_api.matching.queue import enqueue_match, enqueue_probe
+from broker_api.matching.registry import MatchmakerError, Registry
 from broker_api.models import Member, Session, db
-from matchmaker import keys
-from matchmaker.keys import Status
-from matchmaker.queue import enqueue_match, enqueue_probe
-from matchmaker.registry import MatchmakerError, Registry
 
 log = logging.getLogger(__name__)
 
