@@ -61,6 +61,10 @@ MAX_HANDSHAKES = 64  # connections not yet authorized, at once
 MAX_HANDSHAKES_PER_SOURCE = 8  # of which from one address
 HANDSHAKE_DEADLINE = 15.0  # seconds for the whole handshake
 HANDSHAKE_WORKERS = 4  # threads finishing handshakes whose hello has arrived
+#: Connections the kernel completes before we accept them: a flood that outruns the
+#: front door for a moment must not fill it, or the requester's SYN is dropped and it
+#: waits a second for the retransmit.
+LISTEN_BACKLOG = 1024
 MAX_CONNECTIONS_PER_SESSION = 4  # a newer one replaces the oldest (a requester reconnecting)
 MAX_QUEUED_TASKS = 4096
 MAX_FUNCTIONS = 1024
@@ -411,7 +415,7 @@ class PeerDaemon:
         except OSError as exc:
             self.listener.close()
             raise DaemonError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-        self.listener.listen(128)
+        self.listener.listen(LISTEN_BACKLOG)
         self._door = FrontDoor(
             self.listener,
             self._handshakes,
