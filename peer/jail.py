@@ -203,6 +203,12 @@ def enter(view: View, *, own_proc: bool) -> None:
     m.mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount reaches the host
     root = view.root
     m.mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=8m,mode=0755")
+    # The private scratch mounts come first: a shown path that lives under /tmp (a
+    # checkout or venv there) is then bound on top of them, not hidden beneath them.
+    _dev(m, root, view.tmp_bytes)
+    for path, size in (("/tmp", view.tmp_bytes), ("/var/tmp", view.tmp_bytes), ("/run", 1024**2)):
+        _dir(root, path)
+        m.mount("tmpfs", _inside(root, path), "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=1777")
     for path in (*SYSTEM_DIRS, *view.show, *ETC_FILES):
         try:
             _show(m, root, path)
@@ -224,10 +230,6 @@ def enter(view: View, *, own_proc: bool) -> None:
     _dir(root, SCRATCH)
     m.mount(view.scratch, _inside(root, SCRATCH), None, MS_BIND)
     m.mount(None, _inside(root, SCRATCH), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
-    _dev(m, root, view.tmp_bytes)
-    for path, size in (("/tmp", view.tmp_bytes), ("/var/tmp", view.tmp_bytes), ("/run", 1024**2)):
-        _dir(root, path)
-        m.mount("tmpfs", _inside(root, path), "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=1777")
     _dir(root, "/proc")
     proc_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     m.mount("proc", _inside(root, "/proc"), "proc", proc_flags, "" if own_proc else "hidepid=invisible")

@@ -182,6 +182,11 @@ class Slot:
         return self._child.pid if self._child else None
 
     @property
+    def shown_paths(self) -> tuple[str, ...]:
+        """Host paths the sandbox sees read-only (besides the system directories)."""
+        return self._show
+
+    @property
     def work_dir(self) -> Path | None:
         """Host path of the current child's scratch directory (its ``/scratch``)."""
         return self._child.home / "work" if self._child else None
