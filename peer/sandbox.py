@@ -619,21 +619,26 @@ def _wait_for_exit(child: _Child, grace: float) -> None:
         time.sleep(0.005)
 
 
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every process owned by ``uid``, from a helper that takes on that uid.
+def _kill_uid(uid: int, within: float = 2.0) -> None:
+    """SIGKILL every process owned by ``uid``, wherever it moved in the process tree.
 
-    ``kill(-1)`` from a process of that uid reaches exactly the processes it may
-    signal: those of the same uid, wherever they moved in the process tree.
+    Sweeps /proc until a sweep finds nothing new (what is left are the dead, waiting
+    to be reaped): a process forked between two sweeps is caught by the next, and
+    RLIMIT_NPROC bounds how many there can be. No helper is forked from the daemon,
+    whose memory holds its secrets.
     """
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - helper process
-        try:
-            os.setgid(uid)
-            os.setuid(uid)
-            os.kill(-1, signal.SIGKILL)
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+    seen: set[int] = set()
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        found = {pid for pid, _ppid in _processes_of(uid)}
+        for pid in found - seen:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if found <= seen:
+            return
+        seen |= found
 
 
 def _reap_uid(uid: int, within: float = 2.0) -> None:
